@@ -1,0 +1,8 @@
+"""AQ-DETR: low-bit quantized detection transformers with auxiliary queries, for Detectron2."""
+try:
+    import detectron2  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "aqdetr_d2 needs Detectron2, which is not on PyPI for this Python. "
+        "Install it with `bash scripts/install.sh` from the project root."
+    ) from e

@@ -1,0 +1,56 @@
+"""Config keys of AQ-DETR, added on top of Detectron2's defaults."""
+from detectron2.config import CfgNode as CN
+
+
+def _add_common_detr_keys(node: CN, num_queries: int, hidden_dim: int, dim_feedforward: int):
+    node.NUM_CLASSES = 80  # foreground classes (no background / no-object entry)
+    node.NUM_OBJECT_QUERIES = num_queries  # object queries kept at inference
+    node.HIDDEN_DIM = hidden_dim  # transformer width
+    node.NHEADS = 8  # attention heads
+    node.DIM_FEEDFORWARD = dim_feedforward  # FFN width
+    node.ENC_LAYERS = 6  # encoder layers
+    node.DEC_LAYERS = 6  # decoder layers
+    node.DROPOUT = 0.1  # dropout inside the transformer
+    node.DEEP_SUPERVISION = True  # losses on every decoder layer, not just the last
+    node.CLASS_WEIGHT = 1.0  # classification loss weight
+    node.L1_WEIGHT = 5.0  # L1 box loss weight
+    node.GIOU_WEIGHT = 2.0  # GIoU box loss weight
+    node.COST_CLASS = 1.0  # Hungarian matching: class cost weight
+    node.COST_BBOX = 5.0  # Hungarian matching: L1 cost weight
+    node.COST_GIOU = 2.0  # Hungarian matching: GIoU cost weight
+
+
+def add_aqdetr_config(cfg: CN) -> None:
+    """Add the keys of `AQDETR` and `AQDeformableDETR` to a Detectron2 config, in place."""
+    cfg.MODEL.DETR = CN()
+    _add_common_detr_keys(cfg.MODEL.DETR, num_queries=100, hidden_dim=256, dim_feedforward=2048)
+    cfg.MODEL.DETR.IN_FEATURE = "res5"  # backbone feature the transformer reads
+    cfg.MODEL.DETR.PRE_NORM = False  # pre-norm transformer layers (DETR default: post-norm)
+    cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1  # relative CE weight of the no-object class
+
+    cfg.MODEL.DEFORMABLE_DETR = CN()
+    _add_common_detr_keys(cfg.MODEL.DEFORMABLE_DETR, num_queries=300, hidden_dim=256,
+                          dim_feedforward=1024)
+    cfg.MODEL.DEFORMABLE_DETR.IN_FEATURES = ["res3", "res4", "res5"]  # backbone levels used
+    cfg.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS = 4  # levels incl. extra stride-2 convs on the last
+    cfg.MODEL.DEFORMABLE_DETR.ENC_N_POINTS = 4  # sampling points per head and level, encoder
+    cfg.MODEL.DEFORMABLE_DETR.DEC_N_POINTS = 4  # sampling points per head and level, decoder
+    cfg.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE = False  # iterative bounding-box refinement
+    cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE = False  # two-stage: queries selected from encoder output
+    cfg.MODEL.DEFORMABLE_DETR.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha
+    cfg.MODEL.DEFORMABLE_DETR.CLASS_WEIGHT = 2.0
+    cfg.MODEL.DEFORMABLE_DETR.COST_CLASS = 2.0
+    cfg.MODEL.DEFORMABLE_DETR.TOPK_TEST = 100  # detections kept per image at inference
+
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
+    # Parameters whose name contains one of these get WEIGHT_DECAY_NORM-like zero decay.
+    cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed", "step_size"]
+    # Detectron2's CLIP_GRADIENTS also accepts CLIP_TYPE "full_model": one norm over all params.
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+
+    cfg.INPUT.DETR_CROP_PRE_RESIZE = (400, 500, 600)  # shortest-edge sizes before the random crop
+    cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts
