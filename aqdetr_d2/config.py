@@ -1,6 +1,8 @@
 """Config keys of AQ-DETR, added on top of Detectron2's defaults."""
 from detectron2.config import CfgNode as CN
 
+from .data.config import add_detr_input_config
+
 
 def _add_common_detr_keys(node: CN, num_queries: int, hidden_dim: int, dim_feedforward: int):
     node.NUM_CLASSES = 80  # foreground classes (no background / no-object entry)
@@ -44,6 +46,7 @@ def add_aqdetr_config(cfg: CN) -> None:
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1  # sampling-offset / reference-point layers lr factor
     # Parameters whose name contains one of these get WEIGHT_DECAY_NORM-like zero decay.
     cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed", "step_size"]
     # Detectron2's CLIP_GRADIENTS also accepts CLIP_TYPE "full_model": one norm over all params.
@@ -52,5 +55,5 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
 
-    cfg.INPUT.DETR_CROP_PRE_RESIZE = (400, 500, 600)  # shortest-edge sizes before the random crop
+    add_detr_input_config(cfg)
     cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts

@@ -49,5 +49,16 @@ else
     "${PIP[@]}" --no-deps "$WORK"/dist/*.whl
 fi
 
+# The original DETR code (MIT, 2020) is the test oracle for AQDETR. It installs top-level
+# `models` / `util` packages, so it is only downloaded; tests unpack it into a temp dir.
+DETR_WHEEL=detr-0.1.4-py3-none-any.whl
+DETR_SHA256=bf23192f5969450b1494d44d7ae33f1a149251cd086a49f5a7c579a2f09750e5
+mkdir -p "$ROOT/.cache"
+if ! echo "$DETR_SHA256  $ROOT/.cache/$DETR_WHEEL" | sha256sum -c --status - 2>/dev/null; then
+    "$PYTHON" -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
+        -d "$ROOT/.cache" "detr==0.1.4"
+    echo "$DETR_SHA256  $ROOT/.cache/$DETR_WHEEL" | sha256sum -c -
+fi
+
 "${PIP[@]}" --no-deps -e "$ROOT"
 "$PYTHON" -c "import detectron2, aqdetr_d2; print('[install] ok: detectron2', detectron2.__version__)"

@@ -1,0 +1,3 @@
+from .meta_arch import AQDETR, AQDeformableDETR
+
+__all__ = ["AQDETR", "AQDeformableDETR"]

@@ -1,0 +1,94 @@
+"""Rename facebookresearch/detr and fundamentalvision/Deformable-DETR state dicts to ours.
+
+Transformer and head names already match (our modules mirror the official ones), so the
+conversion is: torchvision ResNet -> Detectron2 ResNet names, packed attention in-projections
+split into q/k/v, an optional `detector.` prefix for Deformable-DETR, and optionally COCO's
+91 sparse category ids reduced to Detectron2's 80 contiguous classes.
+"""
+import re
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+ARCHS = ("detr", "deformable_detr")
+
+
+def _rename_backbone_key(key: str) -> Optional[str]:
+    """'layer1.0.bn2.weight' (torchvision) -> 'res2.0.conv2.norm.weight' (Detectron2)."""
+    if key.endswith("num_batches_tracked"):
+        return None
+    m = re.match(r"^layer(\d)\.(\d+)\.(.*)$", key)
+    if m is None:
+        if key == "conv1.weight":
+            return "stem.conv1.weight"
+        if key.startswith("bn1."):
+            return "stem.conv1.norm." + key[4:]
+        raise KeyError(f"unexpected backbone key '{key}'")
+    stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
+    prefix = f"res{stage}.{block}."
+    rest = re.sub(r"^conv(\d)\.weight$", r"conv\1.weight", rest)
+    rest = re.sub(r"^bn(\d)\.(.*)$", r"conv\1.norm.\2", rest)
+    rest = re.sub(r"^downsample\.0\.weight$", "shortcut.weight", rest)
+    rest = re.sub(r"^downsample\.1\.(.*)$", r"shortcut.norm.\1", rest)
+    return prefix + rest
+
+
+def _split_in_proj(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^(.*)\.in_proj_(weight|bias)$", key)
+        if m is None:
+            out[key] = value
+            continue
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+            out[f"{m.group(1)}.{proj}.{m.group(2)}"] = part.clone()
+    return out
+
+
+def _coco_contiguous_rows(with_no_object: bool) -> Tensor:
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    ids = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+    return torch.as_tensor(ids + ([91] if with_no_object else []))
+
+
+def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_contiguous: str = "auto"
+                                ) -> Dict[str, Tensor]:
+    """
+    Args:
+        state: the official model state dict (`checkpoint["model"]`).
+        arch: "detr" or "deformable_detr".
+        coco_to_contiguous: "yes" keeps only the class rows of COCO's 80 thing ids (in
+            Detectron2's contiguous order), "no" keeps rows as they are, "auto" does it when
+            the class head has COCO's size (92 rows for DETR, 91 for Deformable-DETR).
+    Returns:
+        a state dict for `AQDETR` / `AQDeformableDETR`.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got '{arch}'")
+    if coco_to_contiguous not in ("auto", "yes", "no"):
+        raise ValueError(f"coco_to_contiguous must be auto/yes/no, got '{coco_to_contiguous}'")
+    if not any(k.startswith("backbone.0.body.") for k in state):
+        raise ValueError("not an official DETR / Deformable-DETR state dict: no 'backbone.0.body.*' keys")
+    head_prefix = "" if arch == "detr" else "detector."
+    out = {}
+    for key, value in _split_in_proj(state).items():
+        if key.startswith("backbone.0.body."):
+            new = _rename_backbone_key(key[len("backbone.0.body."):])
+            if new is not None:
+                out["backbone." + new] = value
+        else:
+            out[head_prefix + key] = value
+
+    with_no_object = arch == "detr"
+    coco_rows = 92 if with_no_object else 91
+    class_keys = [k for k in out if re.search(r"class_embed(\.\d+)?\.(weight|bias)$", k)]
+    rows = out[class_keys[0]].shape[0] if class_keys else None
+    if coco_to_contiguous == "yes" or (coco_to_contiguous == "auto" and rows == coco_rows):
+        if rows != coco_rows:
+            raise ValueError(f"class head has {rows} rows, COCO's official head has {coco_rows}")
+        keep = _coco_contiguous_rows(with_no_object)
+        for k in class_keys:
+            out[k] = out[k][keep].clone()
+    return out

@@ -1,0 +1,6 @@
+from .checkpointer import AQDETRCheckpointer, CheckpointMismatchError
+from .optimizer import build_detr_optimizer, detr_param_groups
+from .trainer import AQDETRTrainer
+
+__all__ = ["AQDETRCheckpointer", "AQDETRTrainer", "CheckpointMismatchError", "build_detr_optimizer",
+           "detr_param_groups"]

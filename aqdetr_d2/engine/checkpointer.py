@@ -1,0 +1,46 @@
+"""DetectionCheckpointer that refuses checkpoints which do not fit the model."""
+from detectron2.checkpoint import DetectionCheckpointer
+
+
+class CheckpointMismatchError(RuntimeError):
+    pass
+
+
+# Quantizer state is initialised from data when absent, so a float checkpoint may lack it.
+_OPTIONAL_KEY_PARTS = ("_quant.", "quantizer")
+
+
+class AQDETRCheckpointer(DetectionCheckpointer):
+    """Loads like `DetectionCheckpointer`, but raises `CheckpointMismatchError` when
+
+    - a tensor's shape differs from the model's (Detectron2 would silently skip it), or
+    - the checkpoint holds more than the backbone (a whole-detector checkpoint) yet leaves
+      model parameters unset, i.e. it was made for another architecture or config.
+
+    A backbone-only checkpoint (ImageNet initialisation) may leave the rest unset.
+    """
+
+    def _load_model(self, checkpoint):
+        ckpt_keys = list(checkpoint["model"])
+        # Detectron2's own loader renames pickled Caffe2/ImageNet weights first; check after it.
+        incompatible = super()._load_model(checkpoint)
+        model_keys = list(self.model.state_dict())
+        if incompatible.incorrect_shapes:
+            lines = [f"  {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
+            raise CheckpointMismatchError(
+                "Checkpoint tensors do not fit the model (check MODEL.* sizes such as NUM_CLASSES, "
+                "HIDDEN_DIM, NUM_OBJECT_QUERIES against the config that trained it):\n" + "\n".join(lines[:30]))
+        unset = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
+        loaded = [k for k in model_keys if k not in unset]
+        whole_detector = any(not k.startswith("backbone.") for k in loaded)
+        missing = [k for k in incompatible.missing_keys if not any(p in k for p in _OPTIONAL_KEY_PARTS)]
+        if whole_detector and missing:
+            raise CheckpointMismatchError(
+                f"Checkpoint leaves {len(missing)} model tensors unset, e.g. {missing[:10]}; it was "
+                "made for another architecture or config. Use the config that trained it, or convert "
+                "official checkpoints with tools/convert_official_checkpoint.py.")
+        if not loaded and ckpt_keys:
+            raise CheckpointMismatchError(
+                f"No tensor of the checkpoint matches the model; checkpoint keys look like "
+                f"{ckpt_keys[:5]}, model keys like {model_keys[:5]}.")
+        return incompatible

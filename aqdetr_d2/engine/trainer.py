@@ -1,0 +1,94 @@
+"""`AQDETRTrainer`: Detectron2's DefaultTrainer with DETR data, optimizer and evaluators."""
+import logging
+import os
+import weakref
+
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data import DetrDatasetMapper, check_dataset_dicts
+from .checkpointer import AQDETRCheckpointer
+from .optimizer import build_detr_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def _coco_evaluator(dataset_name, cfg, output_folder):
+    return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def _voc_evaluator(dataset_name, cfg, output_folder):
+    return PascalVOCDetectionEvaluator(dataset_name)
+
+
+# MetadataCatalog's `evaluator_type` -> evaluator factory.
+EVALUATORS = {"coco": _coco_evaluator, "pascal_voc": _voc_evaluator}
+
+
+def num_classes_of(cfg) -> int:
+    node = cfg.MODEL.DETR if cfg.MODEL.META_ARCHITECTURE == "AQDETR" else cfg.MODEL.DEFORMABLE_DETR
+    return node.NUM_CLASSES
+
+
+def create_ddp_model(model, **kwargs):
+    """Detectron2's helper pins `device_ids` to the GPU rank; on the CPU (gloo) DDP needs none."""
+    if comm.get_world_size() == 1:
+        return model
+    device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, **kwargs)
+
+
+class AQDETRTrainer(DefaultTrainer):
+    """Trains `AQDETR` / `AQDeformableDETR` with Detectron2's hooks, writers and checkpoints.
+
+    Differences from DefaultTrainer: DETR's dataset mapper, AdamW with a backbone learning-rate
+    multiplier and full-model gradient clipping, annotation checks before training, a
+    checkpointer that refuses mismatched weights, and DDP that also works on the CPU.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AQDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_detr_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.DATASETS.CHECK_ANNOTATIONS:
+            for name in cfg.DATASETS.TRAIN:
+                check_dataset_dicts(DatasetCatalog.get(name), name, num_classes_of(cfg))
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type not in EVALUATORS:
+            raise ValueError(f"Dataset '{dataset_name}' has evaluator_type '{evaluator_type}'; "
+                             f"AQDETRTrainer evaluates {sorted(EVALUATORS)} datasets")
+        return EVALUATORS[evaluator_type](dataset_name, cfg, output_folder)

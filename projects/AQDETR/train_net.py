@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Train or evaluate AQ-DETR models with Detectron2.
+
+    python projects/AQDETR/train_net.py --config-file configs/shapes/detr_fp32.yaml MODEL.DEVICE cpu
+    python projects/AQDETR/train_net.py --config-file F --eval-only MODEL.WEIGHTS model_final.pth
+    python projects/AQDETR/train_net.py --config-file F --num-gpus 8 --resume
+"""
+import logging
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+from aqdetr_d2 import add_aqdetr_config
+from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_aqdetr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("aqdetr_d2").warning("CUDA is not available; running on the CPU (MODEL.DEVICE cpu)")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = AQDETRTrainer.build_model(cfg)
+        AQDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = AQDETRTrainer.test(cfg, model)
+        verify_results(cfg, results)
+        return results
+    trainer = AQDETRTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
