@@ -1,6 +1,7 @@
 """AQDETR reproduces the original DETR (PyPI detr==0.1.4) after checkpoint conversion."""
 import argparse
 import os
+import re
 import sys
 import zipfile
 
@@ -104,3 +105,39 @@ def test_aqdetr_matches_original_detr(original_detr_module, make_cfg, depth, pre
     for r, o in layers:
         torch.testing.assert_close(o["pred_logits"], r["pred_logits"], atol=1e-4, rtol=0)
         torch.testing.assert_close(o["pred_boxes"], r["pred_boxes"], atol=1e-4, rtol=0)
+
+
+def _random_targets(gen, sizes, num_classes):
+    targets = []
+    for n in sizes:
+        xy = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=gen),
+                        "boxes": torch.cat([xy, wh], dim=1)})
+    return targets
+
+
+def test_criterion_matches_original_detr(original_detr_module):
+    """Our weighted losses equal the original SetCriterion's, deep supervision and an empty image included."""
+    from models.detr import SetCriterion as OriginalCriterion
+    from models.matcher import HungarianMatcher as OriginalMatcher
+
+    from aqdetr_d2.modeling.criterion import SetCriterion
+    from aqdetr_d2.modeling.matcher import HungarianMatcher
+
+    num_classes, gen = 6, torch.Generator().manual_seed(3)
+    targets = _random_targets(gen, [3, 0, 5], num_classes)
+
+    def outputs():
+        return {"pred_logits": torch.randn(3, 9, num_classes + 1, generator=gen),
+                "pred_boxes": torch.rand(3, 9, 4, generator=gen) * 0.4 + 0.1}
+
+    out = outputs()
+    out["aux_outputs"] = [outputs(), outputs()]
+    weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
+    ref_crit = OriginalCriterion(num_classes, OriginalMatcher(1, 5, 2), weights, 0.1, ["labels", "boxes"])
+    ref = ref_crit(out, targets)
+    ours = SetCriterion(num_classes, HungarianMatcher(1, 5, 2), 1, 5, 2, 0.1)(out, targets)
+    assert len(ours) == 9
+    for key, value in ours.items():
+        torch.testing.assert_close(value, ref[key] * weights[re.sub(r"_\d+$", "", key)])
