@@ -1,0 +1,439 @@
+"""Deformable-DETR encoder / decoder (Zhu et al. 2021), with every layer's output exposed.
+
+Module and parameter names mirror fundamentalvision/Deformable-DETR, so an official checkpoint
+loads after prefix changes and the q/k/v split of the decoder self-attention (done by
+`MultiheadAttention` itself). Differences from the official code, all without effect on
+the numbers:
+- the transformer returns a dict with the per-layer encoder states and attention weights,
+  the decoder attention maps and the flattened inputs, so distillation can read them;
+- the decoder self-attention takes an optional mask (auxiliary query groups);
+- the two-stage query position embedding has d_model / 2 frequencies per coordinate
+  (the official code hard-codes 128, which is the same for d_model = 256 and wrong otherwise).
+
+Iterative box refinement and two-stage read the prediction heads from `decoder.bbox_embed`
+and `decoder.class_embed`, which `DeformableDETR` sets (the official "hack").
+"""
+import copy
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.attention import MultiheadAttention
+from ..layers.box_ops import inverse_sigmoid
+from ..layers.ms_deform_attn import MSDeformAttn, level_shapes
+
+
+def _activation(name: str) -> nn.Module:
+    """A module rather than a function, so a quantizer can hook the post-activation tensor."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"activation must be 'relu' or 'gelu', got '{name}'")
+
+
+def _with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
+    return tensor if pos is None else tensor + pos
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+class DeformableTransformerEncoderLayer(nn.Module):
+    """Post-norm layer: deformable self-attention over all levels, then a feed-forward block."""
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, activation: str = "relu",
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _activation(activation)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, pos: Optional[Tensor], reference_points: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """
+        Args:
+            src, pos: (B, S, C) features and level + position embeddings.
+            reference_points: (B, S, n_levels, 2), every pixel centre seen from every level.
+            spatial_shapes: (n_levels, 2); level_start_index: (n_levels,).
+            padding_mask: (B, S) bool, True on padding.
+        Returns:
+            (B, S, C) output and attention weights (B, S, n_heads, n_levels, n_points).
+        """
+        src2, attn_weights = self.self_attn(_with_pos_embed(src, pos), reference_points, src, spatial_shapes,
+                                            level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(src2))
+        src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        src = self.norm2(src + self.dropout3(src2))
+        return src, attn_weights
+
+
+class DeformableTransformerEncoder(nn.Module):
+    def __init__(self, encoder_layer: DeformableTransformerEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+
+    @staticmethod
+    def get_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, normalized by the valid (unpadded) image extent.
+
+        Args:
+            spatial_shapes: (n_levels, 2); valid_ratios: (B, n_levels, 2) valid fraction (w, h).
+        Returns:
+            (B, S, n_levels, 2): each pixel's centre expressed in every level's padded
+            coordinates, so the same image point is sampled on all levels.
+        """
+        references = []
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                indexing="ij")
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+            references.append(torch.stack((ref_x, ref_y), -1))
+        reference_points = torch.cat(references, 1)
+        return reference_points[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
+                pos: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None
+                ) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Args:
+            src, pos: (B, S, C); spatial_shapes (n_levels, 2); level_start_index (n_levels,);
+            valid_ratios (B, n_levels, 2); padding_mask (B, S) bool.
+        Returns:
+            per-layer outputs, each (B, S, C), and per-layer attention weights, each
+            (B, S, n_heads, n_levels, n_points).
+        """
+        reference_points = self.get_reference_points(spatial_shapes, valid_ratios)
+        states, attn_weights = [], []
+        output = src
+        for layer in self.layers:
+            output, weights = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            states.append(output)
+            attn_weights.append(weights)
+        return states, attn_weights
+
+
+class DeformableTransformerDecoderLayer(nn.Module):
+    """Post-norm layer: query self-attention, deformable cross-attention to the memory, feed-forward."""
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, activation: str = "relu",
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Optional[Tensor], reference_points: Tensor, src: Tensor,
+                src_spatial_shapes: Tensor, level_start_index: Tensor, src_padding_mask: Optional[Tensor] = None,
+                self_attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            tgt, query_pos: (B, Q, C) query content and query position embedding.
+            reference_points: (B, Q, n_levels, 2 or 4), already scaled by the valid ratios.
+            src: (B, S, C) encoder memory; src_spatial_shapes (n_levels, 2);
+            level_start_index (n_levels,); src_padding_mask (B, S) bool.
+            self_attn_mask: (Q, Q) bool, True where query i must not attend to query j.
+        Returns:
+            (B, Q, C) output, self-attention map (B, n_heads, Q, Q) and cross-attention weights
+            (B, Q, n_heads, n_levels, n_points).
+        """
+        q = k = _with_pos_embed(tgt, query_pos)
+        tgt2, self_attn = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1),
+                                         attn_mask=self_attn_mask)
+        tgt = self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
+
+        tgt2, cross_weights = self.cross_attn(_with_pos_embed(tgt, query_pos), reference_points, src,
+                                              src_spatial_shapes, level_start_index, src_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+
+        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        tgt = self.norm3(tgt + self.dropout4(tgt2))
+        return tgt, self_attn, cross_weights
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """Stack of decoder layers; refines the reference points between layers when `bbox_embed` is set."""
+
+    def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        # Set by DeformableDETR: per-layer box heads (iterative refinement) and class heads (two-stage).
+        self.bbox_embed: Optional[nn.ModuleList] = None
+        self.class_embed: Optional[nn.ModuleList] = None
+
+    def forward(self, tgt: Tensor, reference_points: Tensor, src: Tensor, src_spatial_shapes: Tensor,
+                src_level_start_index: Tensor, src_valid_ratios: Tensor, query_pos: Optional[Tensor] = None,
+                src_padding_mask: Optional[Tensor] = None, self_attn_mask: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
+        """
+        Args:
+            tgt, query_pos: (B, Q, C).
+            reference_points: (B, Q, 2) normalized points or (B, Q, 4) normalized cxcywh boxes,
+                relative to the valid image.
+            src: (B, S, C) memory; src_spatial_shapes (n_levels, 2); src_level_start_index
+            (n_levels,); src_valid_ratios (B, n_levels, 2); src_padding_mask (B, S) bool.
+            self_attn_mask: (Q, Q) bool, True = blocked, passed to every layer's self-attention.
+        Returns:
+            hs (L, B, Q, C) every layer's output; references (L, B, Q, 2 or 4) the reference
+            points after every layer (detached, equal to the input without refinement); lists of
+            the per-layer self-attention maps (B, n_heads, Q, Q) and cross-attention weights
+            (B, Q, n_heads, n_levels, n_points).
+        """
+        output = tgt
+        states, references, self_attns, cross_weights = [], [], [], []
+        for lid, layer in enumerate(self.layers):
+            # The references are relative to the valid image; the sampling needs them relative
+            # to each level's padded map.
+            ratios = src_valid_ratios if reference_points.shape[-1] == 2 else src_valid_ratios.repeat(1, 1, 2)
+            reference_points_input = reference_points[:, :, None] * ratios[:, None]
+            output, self_attn, cross = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
+                                             src_level_start_index, src_padding_mask, self_attn_mask)
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[lid](output)
+                if reference_points.shape[-1] == 4:
+                    new_reference_points = delta + inverse_sigmoid(reference_points)
+                else:
+                    new_reference_points = torch.cat(
+                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                # Detached: each layer's box head learns a correction, not the whole chain.
+                reference_points = new_reference_points.sigmoid().detach()
+            states.append(output)
+            references.append(reference_points)
+            self_attns.append(self_attn)
+            cross_weights.append(cross)
+        return torch.stack(states), torch.stack(references), self_attns, cross_weights
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder + decoder of Deformable-DETR on multi-scale features, with optional two-stage queries.
+
+    Args:
+        d_model, nhead: width and number of heads.
+        num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, activation ("relu"/"gelu").
+        num_feature_levels: number of input levels.
+        dec_n_points, enc_n_points: sampling points per head and level.
+        two_stage: decoder queries are the top-scoring encoder proposals (needs the heads set
+            by `DeformableDETR` on `decoder.class_embed` / `decoder.bbox_embed`).
+        two_stage_num_proposals: number of proposals kept, i.e. decoder queries, in two-stage.
+    """
+
+    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
+                 activation: str = "relu", num_feature_levels: int = 4, dec_n_points: int = 4,
+                 enc_n_points: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300):
+        super().__init__()
+        self.d_model = d_model
+        self.nhead = nhead
+        self.num_feature_levels = num_feature_levels
+        self.two_stage = two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+
+        encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
+                                                          num_feature_levels, nhead, enc_n_points)
+        self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
+        decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
+                                                          num_feature_levels, nhead, dec_n_points)
+        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            # MSDeformAttn has its own scheme; MultiheadAttention redoes nn.MultiheadAttention's
+            # xavier on the packed (3C, C) in-projection, which the loop above applied per (C, C).
+            if isinstance(m, (MSDeformAttn, MultiheadAttention)):
+                m._reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def get_proposal_pos_embed(self, proposals: Tensor) -> Tensor:
+        """(B, K, 4) unnormalized (logit) boxes -> (B, K, 2 * d_model) sine embedding of the sigmoid."""
+        num_pos_feats = self.d_model // 2
+        temperature = 10000
+        scale = 2 * math.pi
+        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+        dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+        pos = proposals.sigmoid()[:, :, :, None] * scale / dim_t  # (B, K, 4, num_pos_feats)
+        return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
+
+    def gen_encoder_output_proposals(self, memory: Tensor, memory_padding_mask: Tensor, spatial_shapes: Tensor
+                                     ) -> Tuple[Tensor, Tensor]:
+        """One proposal per memory position: a box centred on the pixel, 0.05 * 2^level wide.
+
+        Args:
+            memory: (B, S, C); memory_padding_mask: (B, S) bool; spatial_shapes: (n_levels, 2).
+        Returns:
+            output_memory (B, S, C), the memory through `enc_output` + `enc_output_norm` (zeroed
+            first at padding and invalid proposals), and output_proposals (B, S, 4), the boxes
+            as logits, +inf at padding and at proposals too close to the image border.
+        """
+        batch = memory.shape[0]
+        proposals = []
+        start = 0
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+            mask = memory_padding_mask[:, start:start + h * w].view(batch, h, w)
+            start += h * w
+            valid_h = torch.sum(~mask[:, :, 0], 1)
+            valid_w = torch.sum(~mask[:, 0, :], 1)
+            grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
+                                            torch.arange(w, dtype=torch.float32, device=memory.device),
+                                            indexing="ij")
+            grid = torch.stack([grid_x, grid_y], -1)  # (h, w, 2)
+            scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)
+            grid = (grid[None] + 0.5) / scale  # relative to the valid image, (B, h, w, 2)
+            wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
+            proposals.append(torch.cat((grid, wh), -1).view(batch, -1, 4))
+        output_proposals = torch.cat(proposals, 1)
+        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+        output_proposals = torch.log(output_proposals / (1 - output_proposals))
+        output_proposals = output_proposals.masked_fill(memory_padding_mask[..., None], float("inf"))
+        output_proposals = output_proposals.masked_fill(~valid, float("inf"))
+
+        output_memory = memory.masked_fill(memory_padding_mask[..., None], 0.0)
+        output_memory = output_memory.masked_fill(~valid, 0.0)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        return output_memory, output_proposals
+
+    @staticmethod
+    def get_valid_ratio(mask: Tensor) -> Tensor:
+        """(B, H, W) bool padding mask -> (B, 2) valid fraction (w, h) of the padded map."""
+        _, h, w = mask.shape
+        valid_h = torch.sum(~mask[:, :, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+    def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
+                query_embed: Optional[Tensor] = None, self_attn_mask: Optional[Tensor] = None
+                ) -> Dict[str, Any]:
+        """
+        Args:
+            srcs: per level (B, C, H_l, W_l) projected features.
+            masks: per level (B, H_l, W_l) bool, True on padding.
+            pos_embeds: per level (B, C, H_l, W_l) position embeddings.
+            query_embed: (Q, 2C) learned queries, [position | content]; required unless two-stage.
+            self_attn_mask: (Q, Q) bool, True = blocked, for the decoder self-attention.
+        Returns:
+            dict with
+            - "hs": (L_dec, B, Q, C) decoder outputs of every layer;
+            - "init_reference": (B, Q, 2) (or (B, Q, 4) two-stage) references of the first layer;
+            - "inter_references": (L_dec, B, Q, 2 or 4) references after each layer;
+            - "enc_outputs_class": (B, S, num_classes), "enc_outputs_coord_unact": (B, S, 4)
+              logit boxes (+inf where invalid) of the two-stage proposals, None otherwise;
+            - "enc_states": per encoder layer (B, S, C); "enc_attn_weights": per encoder layer
+              (B, S, n_heads, n_levels, enc_n_points);
+            - "dec_self_attn": per decoder layer (B, n_heads, Q, Q); "dec_cross_attn_weights":
+              per decoder layer (B, Q, n_heads, n_levels, dec_n_points);
+            - "memory": (B, S, C) encoder output; "src_flatten": (B, S, C) encoder input;
+              "pos_flatten": (B, S, C) level + position embeddings; "mask_flatten": (B, S);
+              "spatial_shapes": (n_levels, 2) long; "level_start_index": (n_levels,);
+              "valid_ratios": (B, n_levels, 2);
+            - "query_pos", "tgt": (B, Q, C) decoder query position embedding and initial content.
+        """
+        if not self.two_stage and query_embed is None:
+            raise ValueError("query_embed is required unless two_stage=True")
+        if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
+            raise ValueError(f"expected {self.num_feature_levels} levels of srcs / masks / pos_embeds, "
+                             f"got {len(srcs)} / {len(masks)} / {len(pos_embeds)}")
+
+        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            src_flatten.append(src.flatten(2).transpose(1, 2))
+            mask_flatten.append(mask.flatten(1))
+            pos_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flatten = torch.cat(src_flatten, 1)
+        mask_flatten = torch.cat(mask_flatten, 1)
+        pos_flatten = torch.cat(pos_flatten, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
+
+        enc_states, enc_attn_weights = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
+                                                    pos_flatten, mask_flatten)
+        memory = enc_states[-1] if enc_states else src_flatten
+
+        batch, _, c = memory.shape
+        enc_outputs_class = enc_outputs_coord_unact = None
+        if self.two_stage:
+            if self.decoder.class_embed is None or self.decoder.bbox_embed is None:
+                raise RuntimeError("two-stage needs decoder.class_embed and decoder.bbox_embed "
+                                   "(DeformableDETR sets them)")
+            output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+            # The heads after the last decoder layer's score the proposals.
+            enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
+            enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
+            # Ranked by the first class's score, as in the official code.
+            topk = torch.topk(enc_outputs_class[..., 0], self.two_stage_num_proposals, dim=1)[1]
+            topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk[..., None].expand(-1, -1, 4))
+            # No gradient from the decoder into the proposal boxes: they are supervised by the
+            # encoder loss only.
+            topk_coords_unact = topk_coords_unact.detach()
+            reference_points = topk_coords_unact.sigmoid()
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact)))
+            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+        else:
+            query_pos, tgt = torch.split(query_embed, c, dim=1)
+            query_pos = query_pos[None].expand(batch, -1, -1)
+            tgt = tgt[None].expand(batch, -1, -1)
+            reference_points = self.reference_points(query_pos).sigmoid()
+        init_reference = reference_points
+
+        hs, inter_references, dec_self_attn, dec_cross_attn_weights = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos,
+            mask_flatten, self_attn_mask)
+
+        return {
+            "hs": hs,
+            "init_reference": init_reference,
+            "inter_references": inter_references,
+            "enc_outputs_class": enc_outputs_class,
+            "enc_outputs_coord_unact": enc_outputs_coord_unact,
+            "enc_states": enc_states,
+            "enc_attn_weights": enc_attn_weights,
+            "dec_self_attn": dec_self_attn,
+            "dec_cross_attn_weights": dec_cross_attn_weights,
+            "memory": memory,
+            "src_flatten": src_flatten,
+            "pos_flatten": pos_flatten,
+            "mask_flatten": mask_flatten,
+            "spatial_shapes": spatial_shapes,
+            "level_start_index": level_start_index,
+            "valid_ratios": valid_ratios,
+            "query_pos": query_pos,
+            "tgt": tgt,
+        }
