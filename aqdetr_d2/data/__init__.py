@@ -1,0 +1,28 @@
+"""Data for AQ-DETR: the synthetic shapes datasets, the DETR dataset mapper and checks."""
+from .config import add_detr_input_config
+from .dataset_mapper import DetrDatasetMapper, build_detr_augmentations
+from .shapes import (
+    SHAPES_CLASSES,
+    SHAPES_SPLITS,
+    default_shapes_root,
+    prepare_shapes_split,
+    register_shapes,
+    write_shapes_split,
+)
+from .validation import check_dataset_dicts
+
+__all__ = [
+    "add_detr_input_config",
+    "DetrDatasetMapper",
+    "build_detr_augmentations",
+    "SHAPES_CLASSES",
+    "SHAPES_SPLITS",
+    "default_shapes_root",
+    "prepare_shapes_split",
+    "register_shapes",
+    "write_shapes_split",
+    "check_dataset_dicts",
+]
+
+# Registers "shapes_train" and "shapes_val"; nothing is generated until they are loaded.
+register_shapes()
