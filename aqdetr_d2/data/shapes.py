@@ -118,7 +118,7 @@ def prepare_shapes_split(root, split, num_images, seed):
 
     The annotation json is the completion marker: it is moved into place last, after the
     image directory, so a reader never sees a partial split. One process generates under an
-    exclusive lock on ``root/.{split}.lock``; the others wait and then find the json.
+    exclusive POSIX ``flock`` on ``root/.{split}.lock``; the others wait, then find the json.
 
     Returns:
         str: path of the annotation json.
