@@ -1,0 +1,142 @@
+"""
+Quantized drop-in replacements for nn.Linear and nn.Conv2d.
+
+They keep the float module's parameters (same objects, same names: `weight`, `bias`, and for
+Detectron2's Conv2d `norm.*`), so a full-precision state dict loads unchanged; the
+quantizers add `weight_quantizer.*` and `input_quantizer.*` entries.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class _QuantWeightMixin:
+    """
+    Fake-quantized weight, computed once per forward in training and cached in inference.
+
+    The cache is keyed on the storage and version counter of the weight and of every
+    parameter and buffer of the weight quantizer: an optimizer step, a state-dict load or a
+    device move changes one of them and invalidates it.
+    """
+
+    def _quantized_weight(self) -> torch.Tensor:
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+            self._weight_cache = None
+            return self.weight_quantizer(self.weight)
+        cache = self._weight_cache
+        if cache is None or cache[0] != self._weight_key():
+            with torch.no_grad():
+                weight = self.weight_quantizer(self.weight)
+            # Keyed after quantizing: the first call may initialise the quantizer.
+            cache = self._weight_cache = (self._weight_key(), weight)
+        return cache[1]
+
+    def _weight_key(self):
+        tensors = [self.weight, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers()]
+        return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+
+    def train(self, mode: bool = True):
+        # Frees the cached copy while training.
+        self._weight_cache = None
+        return super().train(mode)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    """
+    y = input_quantizer(x) @ weight_quantizer(weight)^T + bias.
+
+    x: (..., in_features) -> y: (..., out_features). The bias stays in floating point (an
+    integer kernel accumulates it in int32 at scale s_w * s_x).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        w_quantizer: nn.Module,
+        a_quantizer: nn.Module,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_quantizer = w_quantizer
+        self.input_quantizer = a_quantizer
+        self._weight_cache = None
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, w_quantizer: nn.Module, a_quantizer: nn.Module):
+        """Wrap `module`'s own weight and bias (shared, not copied) with the two quantizers."""
+        qmodule = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            w_quantizer=w_quantizer,
+            a_quantizer=a_quantizer,
+            device="meta",  # parameters are replaced by the float module's just below
+        )
+        qmodule.weight = module.weight
+        qmodule.bias = module.bias
+        return qmodule.train(module.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self._quantized_weight(), self.bias)
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+    """
+    y = activation(norm(conv2d(input_quantizer(x), weight_quantizer(weight), bias))).
+
+    x: (N, C_in, H, W) -> y: (N, C_out, H', W'). `norm` and `activation` are optional, as in
+    Detectron2's `Conv2d`, whose conversions keep them (and so its `norm.*` parameters).
+    """
+
+    def __init__(
+        self,
+        *args,
+        w_quantizer: nn.Module,
+        a_quantizer: nn.Module,
+        norm: Optional[nn.Module] = None,
+        activation: Optional[Callable] = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = w_quantizer
+        self.input_quantizer = a_quantizer
+        self.norm = norm
+        self.activation = activation
+        self._weight_cache = None
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, w_quantizer: nn.Module, a_quantizer: nn.Module):
+        """Wrap `module` (nn.Conv2d or Detectron2's Conv2d) sharing its parameters and norm."""
+        qmodule = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            w_quantizer=w_quantizer,
+            a_quantizer=a_quantizer,
+            norm=getattr(module, "norm", None),
+            activation=getattr(module, "activation", None),
+            device="meta",  # parameters are replaced by the float module's just below
+        )
+        qmodule.weight = module.weight
+        qmodule.bias = module.bias
+        return qmodule.train(module.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._conv_forward(self.input_quantizer(x), self._quantized_weight(), self.bias)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
