@@ -183,7 +183,7 @@ class MSDeformAttn(nn.Module):
 
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W_l, H_l).
-            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
+            normalizer = input_spatial_shapes.flip(-1).to(reference_points.dtype)
             locations = (reference_points[:, :, None, :, None, :]
                          + offsets / normalizer[None, None, None, :, None, :])
         else:
