@@ -1,4 +1,7 @@
 """Config keys of AQ-DETR, added on top of Detectron2's defaults."""
+import difflib
+import re
+
 from detectron2.config import CfgNode as CN
 
 from .data.config import add_detr_input_config
@@ -57,3 +60,31 @@ def add_aqdetr_config(cfg: CN) -> None:
 
     add_detr_input_config(cfg)
     cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts
+
+
+def _close_keys(cfg: CN, key: str):
+    def flatten(node, prefix=""):
+        for k, v in node.items():
+            name = prefix + k
+            yield from flatten(v, name + ".") if isinstance(v, CN) else [name]
+
+    return difflib.get_close_matches(key, list(flatten(cfg)), n=3)
+
+
+def merge_config(cfg: CN, config_file: str = None, opts=()) -> CN:
+    """Merge a YAML file and `KEY VALUE` overrides into `cfg`, rejecting unknown keys with
+    the closest valid names (yacs alone says only "Non-existent key")."""
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:
+        match = re.search(r"(?:Non-existent (?:config )?key:?\s*)([\w.]+)", str(e))
+        if match is None:
+            raise
+        key = match.group(1)
+        hint = _close_keys(cfg, key)
+        raise KeyError(f"Unknown config key '{key}'"
+                       + (f"; did you mean {' or '.join(hint)}?" if hint else "")
+                       + " Valid keys are defined in detectron2/config/defaults.py and aqdetr_d2/config.py.") from e
+    return cfg

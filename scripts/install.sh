@@ -26,6 +26,7 @@ echo "[install] python: $($PYTHON --version)"
     "matplotlib>=3.7,<3.10" \
     "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "termcolor>=1.1" "tabulate" "yacs>=0.1.8" \
     "cloudpickle" "Pillow>=7.1" "tqdm>4.29.0" "packaging" \
+    "tensorboard>=2.14,<3" \
     "pytest>=7,<9"
 
 if "$PYTHON" -c "import detectron2" 2>/dev/null \

@@ -14,14 +14,14 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 from aqdetr_d2 import add_aqdetr_config
+from aqdetr_d2.config import merge_config
 from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer
 
 
 def setup(args):
     cfg = get_cfg()
     add_aqdetr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("aqdetr_d2").warning("CUDA is not available; running on the CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
