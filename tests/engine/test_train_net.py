@@ -103,3 +103,17 @@ def test_two_process_cpu_ddp_takes_steps(project_root, tmp_path):
     log = _log(tmp_path)
     assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
     assert os.path.exists(tmp_path / "model_final.pth")
+
+
+def test_malformed_boxes_are_rejected_before_training(train_net, tmp_path):
+    name = "shapes_train_with_a_flat_box"
+    if name not in DatasetCatalog.list():
+        def load():
+            dicts = copy.deepcopy(DatasetCatalog.get("shapes_train")[:10])
+            dicts[3]["annotations"][0]["bbox"][2] = 0.0  # zero width
+            return dicts
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(thing_classes=MetadataCatalog.get("shapes_train").thing_classes)
+    with pytest.raises(ValueError, match=name):
+        _run(train_net, "detr_fp32.yaml", tmp_path, "DATASETS.TRAIN", f"('{name}',)")
