@@ -1,0 +1,1 @@
+"""Building blocks shared by both detectors: attention, deformable attention, boxes, position encodings."""
