@@ -116,7 +116,10 @@ def _references(model: nn.Module) -> Dict[object, Tuple[nn.Module, List[Tuple[nn
     refs = {}
     seen = set()
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent.named_children():
+        # Not named_children(): it skips a module held twice by the same parent.
+        for attr, child in parent._modules.items():
+            if child is None:
+                continue
             name = f"{parent_name}.{attr}" if parent_name else attr
             place = (id(parent), attr)
             if place in seen:
