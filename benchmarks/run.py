@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Speed benchmarks of AQ-DETR, every figure measured in this one process.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--output benchmarks/results.json]
+
+Writes JSON and a markdown table next to it and prints the table. Compare figures only
+within one run: the machines are shared, so absolute times drift but ratios hold.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from aqdetr_d2 import add_aqdetr_config
+from aqdetr_d2.config import merge_config
+from aqdetr_d2.data import DetrDatasetMapper
+from aqdetr_d2.engine import build_detr_optimizer
+from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
+from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"DETR": "configs/shapes/detr_fp32.yaml", "Deformable-DETR": "configs/shapes/deformable_detr_fp32.yaml"}
+
+
+def _cfg(path, device, opts=()):
+    cfg = get_cfg()
+    add_aqdetr_config(cfg)
+    return merge_config(cfg, os.path.join(ROOT, path), ["MODEL.DEVICE", device, *opts])
+
+
+def _timed(fn, repeats, device):
+    """Median seconds of `repeats` calls after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(name, path, device, repeats):
+    cfg = _cfg(path, device)
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    batch = [mapper(d) for d in dicts[: cfg.SOLVER.IMS_PER_BATCH]]
+    model = build_model(cfg)
+    optimizer = build_detr_optimizer(cfg, model)
+
+    def train_step():
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    step = _timed(train_step, repeats, device)
+    test_mapper = DetrDatasetMapper(cfg, is_train=False)
+    image = [test_mapper(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0])]
+    model.eval()
+    with torch.no_grad():
+        latency = _timed(lambda: model(image), repeats * 4, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        model.train()
+        train_step()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = None
+    return {"model": name, "config": path, "batch": len(batch), "train_step_s": step,
+            "train_iter_per_s": 1 / step, "eval_latency_s": latency, "eval_images_per_s": 1 / latency,
+            "peak_train_memory_mb": peak, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def bench_deform_attn(device, quick):
+    """Deformable-attention function against the naive reference on the shapes model's sizes."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 16), (8, 8), (4, 4)]
+    batch, heads, head_dim, queries, points = (2, 8, 16, 30, 4)
+    length = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, length, heads, head_dim, generator=gen).to(device)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen).to(device)
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=gen).softmax(-1).to(device)
+    spatial = torch.as_tensor(shapes, device=device)
+    fast = _timed(lambda: ms_deform_attn(value, spatial, locations, weights), 20, device)
+    naive = _timed(lambda: ms_deform_attn_reference(value, spatial, locations, weights), 1 if quick else 3, device)
+    return {"shapes": shapes, "batch": batch, "queries": queries, "heads": heads, "points": points,
+            "grid_sample_s": fast, "naive_loop_s": naive, "speedup": naive / fast}
+
+
+def markdown(results):
+    lines = [f"Device: {results['device']} ({results['machine']}), torch {results['torch']}, "
+             f"threads {results['threads']}. Command: `{results['command']}`", "",
+             "| model | batch | train s/step | train it/s | eval s/img | eval img/s | params |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["models"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['train_step_s']:.3f} | {r['train_iter_per_s']:.2f} | "
+                     f"{r['eval_latency_s']:.4f} | {r['eval_images_per_s']:.1f} | {r['parameters'] / 1e6:.2f}M |")
+    d = results["deform_attn"]
+    lines += ["", "| deformable attention | grid_sample | naive loop | speed-up |", "|---|---|---|---|",
+              f"| B={d['batch']}, Q={d['queries']}, levels {d['shapes']} | {d['grid_sample_s'] * 1e3:.2f} ms | "
+              f"{d['naive_loop_s'] * 1e3:.1f} ms | {d['speedup']:.0f}x |"]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under 5 minutes on 2 CPU cores)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    torch.manual_seed(0)
+    repeats = 3 if args.quick else 10
+    results = {"device": args.device, "machine": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+               "models": [bench_model(n, p, args.device, repeats) for n, p in CONFIGS.items()],
+               "deform_attn": bench_deform_attn(args.device, args.quick)}
+    if args.device == "cuda":
+        results["machine"] = torch.cuda.get_device_name()
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown(results)
+    with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
