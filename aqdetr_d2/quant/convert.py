@@ -193,6 +193,13 @@ def _quantize_point(parent: nn.Module, point: str, names: List[str], qcfg: Quant
     if _matches(names, qcfg.int8_patterns):
         bits = max(bits, 8)
     num_heads = getattr(parent, "num_heads", None) or getattr(parent, "n_heads", None)
+    if qcfg.attn_per_head and num_heads is None:
+        # Parameter shapes must be known before DDP wraps the model and when checkpoints load.
+        raise ValueError(
+            f"{names[0]}: per-head quantization needs the number of heads, but "
+            f"{type(parent).__name__} has no `num_heads` or `n_heads` attribute; add one or set "
+            "attn_per_head=False"
+        )
     quantizer = point_quantizer(point, bits, qcfg.act_quantizer, num_heads, qcfg.attn_per_head)
     device = _device_of(parent)
     return quantizer if device is None else quantizer.to(device)

@@ -92,8 +92,9 @@ class QuantizerBase(nn.Module):
 
     def _qparam_shape(self, num_channels: Optional[int]) -> Tuple[int]:
         # A per-channel quantizer whose channel count is unknown starts with an empty tensor,
-        # sized in place on first use (or when a checkpoint is loaded). Pass num_channels when
-        # training with DDP, which fixes parameter shapes when it wraps the model.
+        # sized in place on first use or by load_state_dict. Pass num_channels for DDP, which
+        # fixes parameter shapes when it wraps the model, and for Detectron2's checkpointer,
+        # which drops checkpoint tensors whose shape differs from the model's.
         return (1,) if self.per_tensor else (num_channels or 0,)
 
     def _qparam_names(self) -> Tuple[str, ...]:
@@ -208,7 +209,8 @@ class QuantizerBase(nn.Module):
     # ---------------------------------------------------------------- quantization
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x (any shape; ch_axis indexes the channels). Returns x's shape."""
-        if not self.enabled:
+        # An empty tensor has nothing to quantize and would initialise a NaN step size.
+        if not self.enabled or x.numel() == 0:
             return x
         if self._calibrating:
             self._observe(x)

@@ -188,3 +188,14 @@ def test_unswappable_modules_are_refused():
         quantize_model(nn.Sequential(nn.MultiheadAttention(8, 2)), QuantConfig())
     # Kept float, they are fine.
     quantize_model(nn.Sequential(nn.MultiheadAttention(8, 2)), QuantConfig(keep_fp_patterns=["0"]))
+
+
+def test_per_head_points_need_head_count(toy_detector):
+    model = toy_detector()
+    for layer in model.encoder:
+        del layer.self_attn.num_heads
+        layer.self_attn.heads = 4
+    with pytest.raises(ValueError, match="no `num_heads` or `n_heads` attribute"):
+        quantize_model(model, _qcfg())
+    quantize_model(model, _qcfg(attn_per_head=False))
+    assert model.encoder[0].self_attn.q_quant.granularity == "tensor"

@@ -254,3 +254,12 @@ def test_channel_mismatch_is_reported():
     q = LSQQuantizer(4, granularity="channel", num_channels=3)
     with pytest.raises(ValueError, match="3 step sizes but the input has 4 channels"):
         q(torch.randn(4, 2))
+
+
+def test_empty_input_does_not_initialise():
+    q = LSQQuantizer(4, granularity="channel", num_channels=3)
+    assert q(torch.empty(3, 0)).shape == (3, 0)
+    assert q.initialized.item() == 0
+    x = torch.randn(3, 5)
+    q(x)
+    assert torch.allclose(q.scale.detach(), 2 * x.abs().mean(1) / math.sqrt(7))
