@@ -47,11 +47,25 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.DEFORMABLE_DETR.COST_CLASS = 2.0
     cfg.MODEL.DEFORMABLE_DETR.TOPK_TEST = 100  # detections kept per image at inference
 
+    cfg.MODEL.QUANT = CN()
+    cfg.MODEL.QUANT.ENABLED = False  # fake-quantize the model (quantization-aware training)
+    cfg.MODEL.QUANT.WEIGHT_BITS = 4  # layer weights, per output channel: 2, 3, 4, 8 or 32 (off)
+    cfg.MODEL.QUANT.ACT_BITS = 4  # layer inputs, per tensor: 2, 3, 4, 8 or 32 (off)
+    cfg.MODEL.QUANT.ATTN_BITS = 4  # attention q, k, v, softmax output / deformable values and weights
+    cfg.MODEL.QUANT.QUANTIZER = "lsq"  # "lsq", "lsq+" (learnable offset) or "minmax" (PTQ baseline)
+    cfg.MODEL.QUANT.LEARNABLE_OFFSET = False  # LSQ+ offset on activations with QUANTIZER "lsq"
+    cfg.MODEL.QUANT.ATTN_PER_HEAD = True  # one attention step size per head, else per tensor
+    cfg.MODEL.QUANT.PARTS = ["BACKBONE", "ENCODER", "DECODER", "HEADS"]  # parts that get quantized
+    cfg.MODEL.QUANT.KEEP_FP_DEFAULTS = True  # keep stem conv, input proj, class head, last box layer float
+    cfg.MODEL.QUANT.KEEP_FP_PATTERNS = []  # more module-name globs kept float
+    cfg.MODEL.QUANT.INT8_PATTERNS = []  # module-name globs quantized at >= 8 bit (e.g. the stem conv)
+    cfg.MODEL.QUANT.CALIB_BATCHES = 1  # batches that initialise step sizes before training / PTQ eval
+
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1  # sampling-offset / reference-point layers lr factor
-    # Parameters whose name contains one of these get WEIGHT_DECAY_NORM-like zero decay.
-    cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed", "step_size"]
+    # Parameters whose name contains one of these get no weight decay (quantizer steps never do).
+    cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed"]
     # Detectron2's CLIP_GRADIENTS also accepts CLIP_TYPE "full_model": one norm over all params.
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"

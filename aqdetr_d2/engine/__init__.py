@@ -1,6 +1,7 @@
+from .calibration import initialize_quantizers
 from .checkpointer import AQDETRCheckpointer, CheckpointMismatchError
 from .optimizer import build_detr_optimizer, detr_param_groups
 from .trainer import AQDETRTrainer
 
 __all__ = ["AQDETRCheckpointer", "AQDETRTrainer", "CheckpointMismatchError", "build_detr_optimizer",
-           "detr_param_groups"]
+           "detr_param_groups", "initialize_quantizers"]

@@ -4,6 +4,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..quant import QuantizerBase
+
 _OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
 
@@ -15,9 +17,12 @@ def detr_param_groups(model: nn.Module, base_lr: float, weight_decay: float,
     Backbone parameters get `base_lr * backbone_multiplier`; Deformable-DETR's
     sampling-offset and reference-point projections get `linear_proj_multiplier` (their
     outputs are coordinates, which large steps throw off the map); parameters whose name
-    contains a `no_decay_keywords` entry (norms, biases, embeddings, quantizer steps) get no decay.
+    contains a `no_decay_keywords` entry (e.g. norms, biases, embeddings) and quantizer step
+    sizes / offsets get no decay.
     """
     groups: Dict[tuple, List[nn.Parameter]] = {}
+    # Decaying a step size towards 0 would shrink the quantization range for no reason.
+    quantizer_params = {id(p) for m in model.modules() if isinstance(m, QuantizerBase) for p in m.parameters()}
     seen = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
@@ -28,7 +33,8 @@ def detr_param_groups(model: nn.Module, base_lr: float, weight_decay: float,
             lr *= backbone_multiplier
         elif "sampling_offsets" in name or "reference_points" in name:
             lr *= linear_proj_multiplier
-        decay = 0.0 if any(k in name for k in no_decay_keywords) else weight_decay
+        no_decay = id(param) in quantizer_params or any(k in name for k in no_decay_keywords)
+        decay = 0.0 if no_decay else weight_decay
         groups.setdefault((lr, decay), []).append(param)
     return [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
 

@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper, check_dataset_dicts
+from .calibration import initialize_quantizers
 from .checkpointer import AQDETRCheckpointer
 from .optimizer import build_detr_optimizer
 
@@ -67,6 +68,11 @@ class AQDETRTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """Load weights (or resume), then calibrate any quantizer the checkpoint did not set."""
+        super().resume_or_load(resume=resume)
+        initialize_quantizers(self.cfg, self.model)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

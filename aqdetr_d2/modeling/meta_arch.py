@@ -1,4 +1,5 @@
 """Detectron2 meta-architectures `AQDETR` and `AQDeformableDETR`."""
+from functools import partial
 from typing import Dict, List
 
 import torch
@@ -17,6 +18,7 @@ from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
 from .matcher import HungarianMatcher
+from .quantization import DEFORMABLE_DETR_LAYOUT, DETR_LAYOUT, maybe_quantize
 from .transformer import Transformer
 
 __all__ = ["AQDETR", "AQDeformableDETR"]
@@ -103,7 +105,7 @@ class AQDETR(_SetPredictionDetector):
     @configurable
     def __init__(self, *, backbone, in_feature: str, transformer: Transformer, num_classes: int,
                  num_queries: int, criterion: SetCriterion, deep_supervision: bool = True,
-                 pixel_mean, pixel_std):
+                 quantize=None, pixel_mean, pixel_std):
         super().__init__(backbone=backbone, in_features=[in_feature], criterion=criterion,
                          num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
         hidden = transformer.d_model
@@ -114,6 +116,8 @@ class AQDETR(_SetPredictionDetector):
         self.class_embed = nn.Linear(hidden, num_classes + 1)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
         self.deep_supervision = deep_supervision
+        if quantize is not None:
+            quantize(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -130,6 +134,7 @@ class AQDETR(_SetPredictionDetector):
             "criterion": SetCriterion(d.NUM_CLASSES, matcher, d.CLASS_WEIGHT, d.L1_WEIGHT,
                                       d.GIOU_WEIGHT, d.NO_OBJECT_WEIGHT),
             "deep_supervision": d.DEEP_SUPERVISION,
+            "quantize": partial(maybe_quantize, cfg, layout=DETR_LAYOUT),
             **_pixel_stats(cfg),
         }
 
@@ -158,11 +163,13 @@ class AQDeformableDETR(_SetPredictionDetector):
 
     @configurable
     def __init__(self, *, backbone, in_features, detector: DeformableDETR, num_classes: int,
-                 criterion: SetCriterion, topk_test: int = 100, pixel_mean, pixel_std):
+                 criterion: SetCriterion, topk_test: int = 100, quantize=None, pixel_mean, pixel_std):
         super().__init__(backbone=backbone, in_features=in_features, criterion=criterion,
                          num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.detector = detector
         self.topk_test = topk_test
+        if quantize is not None:
+            quantize(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -191,6 +198,7 @@ class AQDeformableDETR(_SetPredictionDetector):
                                  focal=True, focal_alpha=d.FOCAL_ALPHA)
         return {"backbone": backbone, "in_features": d.IN_FEATURES, "detector": detector,
                 "num_classes": d.NUM_CLASSES, "criterion": criterion, "topk_test": d.TOPK_TEST,
+                "quantize": partial(maybe_quantize, cfg, layout=DEFORMABLE_DETR_LAYOUT),
                 **_pixel_stats(cfg)}
 
     def predict(self, images: ImageList) -> Dict:

@@ -15,7 +15,7 @@ from detectron2.evaluation import verify_results
 
 from aqdetr_d2 import add_aqdetr_config
 from aqdetr_d2.config import merge_config
-from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer
+from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer, initialize_quantizers
 
 
 def setup(args):
@@ -35,6 +35,7 @@ def main(args):
     if args.eval_only:
         model = AQDETRTrainer.build_model(cfg)
         AQDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        initialize_quantizers(cfg, model)
         results = AQDETRTrainer.test(cfg, model)
         verify_results(cfg, results)
         return results
