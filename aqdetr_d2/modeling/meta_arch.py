@@ -35,6 +35,9 @@ class _SetPredictionDetector(nn.Module):
         self.num_classes = num_classes
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        # Set by the trainer when distillation is on: a module without state that holds the
+        # frozen teacher out of sight of state_dict(), parameters() and DDP.
+        self.distiller = None
 
     @property
     def device(self):
@@ -68,7 +71,11 @@ class _SetPredictionDetector(nn.Module):
         if self.training:
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("Training inputs need 'instances'; check the dataset mapper")
-            return self.criterion(outputs, self.prepare_targets(batched_inputs, images))
+            targets = self.prepare_targets(batched_inputs, images)
+            losses = self.criterion(outputs, targets)
+            if self.distiller is not None:
+                losses.update(self.distiller(self, images, outputs, targets))
+            return losses
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         return [
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
