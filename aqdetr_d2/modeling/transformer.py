@@ -118,16 +118,18 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt, memory, tgt_mask=None, memory_key_padding_mask=None, pos=None,
                 query_pos=None):
-        """-> (normalized per-layer outputs (L, Q, B, C) as a list, self-attn maps, cross-attn maps)."""
-        states, self_attns, cross_attns = [], [], []
+        """-> lists per layer of normalized outputs (Q, B, C), raw outputs (the next layer's
+        input), self-attention maps and cross-attention maps."""
+        states, raw_states, self_attns, cross_attns = [], [], [], []
         for layer in self.layers:
             tgt, self_attn, cross_attn = layer(tgt, memory, tgt_mask=tgt_mask,
                                                memory_key_padding_mask=memory_key_padding_mask,
                                                pos=pos, query_pos=query_pos)
+            raw_states.append(tgt)
             states.append(self.norm(tgt))
             self_attns.append(self_attn)
             cross_attns.append(cross_attn)
-        return states, self_attns, cross_attns
+        return states, raw_states, self_attns, cross_attns
 
 
 class Transformer(nn.Module):
@@ -155,9 +157,11 @@ class Transformer(nn.Module):
             query_embed: (Q, C) learned query positions; pos_embed: (B, C, H, W).
             tgt_mask: (Q, Q) bool, True where query i must not attend to query j.
         Returns:
-            dict with "hs" (L, B, Q, C) decoder outputs, "memory" (S, B, C), "enc_states"
-            and "enc_attn" (per encoder layer, (S, B, C) and (B, H, S, S)), "dec_self_attn"
-            and "dec_cross_attn" (per decoder layer).
+            dict with "hs" (L, B, Q, C) normalized decoder outputs, "memory" (S, B, C),
+            "enc_states" and "enc_attn" (per encoder layer, (S, B, C) and (B, H, S, S)),
+            "dec_raw_states" (per decoder layer (Q, B, C), before the shared norm),
+            "dec_self_attn" and "dec_cross_attn" (per decoder layer), and the layer inputs
+            "enc_input" (S, B, C), "pos" (S, B, C), "mask" (B, S), "query_pos" (Q, B, C), "tgt" (Q, B, C).
         """
         batch = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)
@@ -166,10 +170,10 @@ class Transformer(nn.Module):
         query_pos = query_embed.unsqueeze(1).repeat(1, batch, 1)
         tgt = query_pos.new_zeros(query_pos.shape)
         memory, enc_states, enc_attn = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        states, self_attn, cross_attn = self.decoder(tgt, memory, tgt_mask=tgt_mask,
-                                                     memory_key_padding_mask=mask, pos=pos_embed,
-                                                     query_pos=query_pos)
+        states, raw_states, self_attn, cross_attn = self.decoder(
+            tgt, memory, tgt_mask=tgt_mask, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_pos)
         hs = torch.stack(states).transpose(1, 2)  # (L, Q, B, C) -> (L, B, Q, C)
         return {"hs": hs, "memory": memory, "enc_states": enc_states, "enc_attn": enc_attn,
-                "dec_self_attn": self_attn, "dec_cross_attn": cross_attn}
+                "dec_raw_states": raw_states, "dec_self_attn": self_attn, "dec_cross_attn": cross_attn,
+                "enc_input": src, "pos": pos_embed, "mask": mask, "query_pos": query_pos, "tgt": tgt}
 
