@@ -61,6 +61,15 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.QUANT.INT8_PATTERNS = []  # module-name globs quantized at >= 8 bit (e.g. the stem conv)
     cfg.MODEL.QUANT.CALIB_BATCHES = 1  # batches that initialise step sizes before training / PTQ eval
 
+    # Auxiliary queries (H-DETR hybrid matching / Group-DETR): training-only decoder queries that
+    # give the (quantized) decoder more positive samples; dropped at inference.
+    cfg.MODEL.AUX_QUERIES = CN()
+    cfg.MODEL.AUX_QUERIES.ENABLED = False  # add the auxiliary queries and their loss in training
+    cfg.MODEL.AUX_QUERIES.NUM_QUERIES = 1500  # number of auxiliary queries (e.g. 1500 beside 300 on COCO)
+    cfg.MODEL.AUX_QUERIES.MODE = "hybrid"  # "hybrid": one-to-many on repeated targets; "group": K one-to-one groups
+    cfg.MODEL.AUX_QUERIES.K = 6  # hybrid: times the ground truth is repeated; group: number of groups
+    cfg.MODEL.AUX_QUERIES.LOSS_WEIGHT = 1.0  # lambda_aux, multiplies every auxiliary-query loss
+
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1  # sampling-offset / reference-point layers lr factor
