@@ -70,6 +70,18 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.AUX_QUERIES.K = 6  # hybrid: times the ground truth is repeated; group: number of groups
     cfg.MODEL.AUX_QUERIES.LOSS_WEIGHT = 1.0  # lambda_aux, multiplies every auxiliary-query loss
 
+    cfg.MODEL.DISTILL = CN()
+    cfg.MODEL.DISTILL.ENABLED = False  # layer-by-layer distillation from a frozen float teacher
+    cfg.MODEL.DISTILL.TEACHER_CONFIG = ""  # teacher's config file (same architecture, full precision)
+    cfg.MODEL.DISTILL.TEACHER_WEIGHTS = ""  # teacher's checkpoint (a whole detector)
+    cfg.MODEL.DISTILL.MODE = "teacher_forced"  # "teacher_forced": teacher layers get student inputs; "parallel"
+    cfg.MODEL.DISTILL.ENC_ATTN_WEIGHT = 1.0  # KL of encoder attention maps / deformable weights, per layer
+    cfg.MODEL.DISTILL.ENC_OUT_WEIGHT = 1.0  # MSE of encoder layer outputs
+    cfg.MODEL.DISTILL.DEC_HIDDEN_WEIGHT = 1.0  # MSE of object-query states after each decoder layer
+    cfg.MODEL.DISTILL.DEC_CLASS_WEIGHT = 1.0  # KL of per-layer class scores
+    cfg.MODEL.DISTILL.DEC_BOX_WEIGHT = 1.0  # L1 of per-layer boxes
+    cfg.MODEL.DISTILL.FOREGROUND_ONLY = False  # decoder terms on matched queries only (Q-DETR baseline)
+
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1  # sampling-offset / reference-point layers lr factor

@@ -1,5 +1,5 @@
 from .calibration import initialize_quantizers
-from .checkpointer import AQDETRCheckpointer, CheckpointMismatchError
+from ..checkpoint import AQDETRCheckpointer, CheckpointMismatchError
 from .optimizer import build_detr_optimizer, detr_param_groups
 from .trainer import AQDETRTrainer
 

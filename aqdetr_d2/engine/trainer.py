@@ -11,9 +11,10 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import AQDETRCheckpointer
 from ..data import DetrDatasetMapper, check_dataset_dicts
+from ..distill import build_distiller
 from .calibration import initialize_quantizers
-from .checkpointer import AQDETRCheckpointer
 from .optimizer import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class AQDETRTrainer(DefaultTrainer):
 
     Differences from DefaultTrainer: DETR's dataset mapper, AdamW with a backbone learning-rate
     multiplier and full-model gradient clipping, annotation checks before training, a
-    checkpointer that refuses mismatched weights, and DDP that also works on the CPU.
+    checkpointer that refuses mismatched weights, DDP that also works on the CPU, quantizer
+    calibration after loading, and (with `MODEL.DISTILL.ENABLED`) a frozen teacher attached to
+    the student, outside its state_dict, optimizer and DDP; the inherited `run_step` trains.
     """
 
     def __init__(self, cfg):
@@ -58,6 +61,9 @@ class AQDETRTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        if cfg.MODEL.DISTILL.ENABLED:
+            # Attached here, not in build_model: evaluation must not need the teacher.
+            model.distiller = build_distiller(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model)

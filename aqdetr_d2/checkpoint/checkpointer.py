@@ -17,8 +17,13 @@ class AQDETRCheckpointer(DetectionCheckpointer):
     - the checkpoint holds more than the backbone (a whole-detector checkpoint) yet leaves
       model parameters unset, i.e. it was made for another architecture or config.
 
-    A backbone-only checkpoint (ImageNet initialisation) may leave the rest unset.
+    A backbone-only checkpoint (ImageNet initialisation) may leave the rest unset, unless
+    `require_complete` (used for distillation teachers, which must be whole detectors).
     """
+
+    def __init__(self, model, save_dir="", *, require_complete: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.require_complete = require_complete
 
     def _load_model(self, checkpoint):
         ckpt_keys = list(checkpoint["model"])
@@ -34,7 +39,7 @@ class AQDETRCheckpointer(DetectionCheckpointer):
         loaded = [k for k in model_keys if k not in unset]
         whole_detector = any(not k.startswith("backbone.") for k in loaded)
         missing = [k for k in incompatible.missing_keys if not any(p in k for p in _OPTIONAL_KEY_PARTS)]
-        if whole_detector and missing:
+        if (whole_detector or self.require_complete) and missing:
             raise CheckpointMismatchError(
                 f"Checkpoint leaves {len(missing)} model tensors unset, e.g. {missing[:10]}; it was "
                 "made for another architecture or config. Use the config that trained it, or convert "

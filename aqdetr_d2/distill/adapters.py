@@ -1,0 +1,168 @@
+"""Per-architecture access to the layers a distiller compares.
+
+An adapter turns one training forward of the student (and, in parallel mode, one of the
+teacher) into per-layer pairs of student / teacher tensors. In teacher-forced mode each
+teacher layer is run on the student's input to that layer, so a pair measures only that
+layer's quantization error; in parallel mode the whole teacher runs on the image.
+Only the object queries are compared: auxiliary queries, if any, follow them and are cut off.
+Teacher layers are run under `torch.no_grad()` on detached student tensors.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from ..layers.box_ops import inverse_sigmoid
+
+
+@dataclass
+class EncoderPair:
+    """One encoder layer: attention (DETR (B, H, S, S); Deformable (B, S, H, L, P)) and output (B, S, C)."""
+
+    student_attn: Tensor
+    teacher_attn: Tensor
+    student_out: Tensor
+    teacher_out: Tensor
+    valid: Tensor  # (B, S) bool, False on padding
+
+
+@dataclass
+class DecoderPair:
+    """One decoder layer, object queries only: hidden (B, Q, C), logits (B, Q, K), boxes (B, Q, 4)."""
+
+    student_hidden: Tensor
+    teacher_hidden: Tensor
+    student_logits: Tensor
+    teacher_logits: Tensor
+    student_boxes: Tensor
+    teacher_boxes: Tensor
+
+
+def _layer_predictions(outputs: Dict) -> List[Dict[str, Tensor]]:
+    return list(outputs.get("aux_outputs", [])) + [{"pred_logits": outputs["pred_logits"],
+                                                     "pred_boxes": outputs["pred_boxes"]}]
+
+
+class DETRAdapter:
+    """`AQDETR`: seq-first tensors, explicit attention maps, one shared head for every layer."""
+
+    attention_kind = "softmax_map"
+    class_kind = "softmax"
+
+    @staticmethod
+    def num_queries(model) -> int:
+        return model.query_embed.num_embeddings
+
+    @staticmethod
+    def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
+        tr = student_out["transformer"]
+        valid = ~tr["mask"]
+        if teacher_out is not None:
+            t = teacher_out["transformer"]
+            teacher_layers = list(zip(t["enc_states"], t["enc_attn"]))
+        else:
+            inputs = [tr["enc_input"]] + tr["enc_states"][:-1]
+            with torch.no_grad():
+                teacher_layers = [layer(x.detach(), src_key_padding_mask=tr["mask"], pos=tr["pos"].detach())
+                                  for layer, x in zip(teacher.transformer.encoder.layers, inputs)]
+        return [EncoderPair(s_attn, t_attn, s_out.transpose(0, 1), t_out.transpose(0, 1), valid)
+                for s_out, s_attn, (t_out, t_attn) in zip(tr["enc_states"], tr["enc_attn"], teacher_layers)]
+
+    @classmethod
+    def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
+        tr = student_out["transformer"]
+        q = cls.num_queries(teacher)
+        student_preds = _layer_predictions(student_out)
+        if teacher_out is not None:
+            t_hidden = list(teacher_out["transformer"]["hs"])
+            t_preds = _layer_predictions(teacher_out)
+        else:
+            inputs = [tr["tgt"]] + tr["dec_raw_states"][:-1]
+            memory, pos, query_pos = tr["memory"].detach(), tr["pos"].detach(), tr["query_pos"][:q].detach()
+            t_hidden, t_preds = [], []
+            with torch.no_grad():
+                for layer, x in zip(teacher.transformer.decoder.layers, inputs):
+                    raw, _, _ = layer(x[:q].detach(), memory, memory_key_padding_mask=tr["mask"], pos=pos,
+                                      query_pos=query_pos)
+                    hidden = teacher.transformer.decoder.norm(raw).transpose(0, 1)
+                    t_hidden.append(hidden)
+                    t_preds.append({"pred_logits": teacher.class_embed(hidden),
+                                    "pred_boxes": teacher.bbox_embed(hidden).sigmoid()})
+        return [DecoderPair(s_h[:, :q], t_h, s_p["pred_logits"][:, :q], t_p["pred_logits"],
+                            s_p["pred_boxes"][:, :q], t_p["pred_boxes"])
+                for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
+
+
+class DeformableDETRAdapter:
+    """`AQDeformableDETR`: batch-first tensors, deformable attention weights, per-layer heads."""
+
+    attention_kind = "deformable_weights"
+    class_kind = "sigmoid"
+
+    @staticmethod
+    def num_queries(model) -> int:
+        det = model.detector
+        return det.transformer.two_stage_num_proposals if det.two_stage else det.query_embed.num_embeddings
+
+    @staticmethod
+    def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
+        tr = student_out["transformer_out"]
+        valid = ~tr["mask_flatten"]
+        if teacher_out is not None:
+            t = teacher_out["transformer_out"]
+            teacher_layers = list(zip(t["enc_states"], t["enc_attn_weights"]))
+        else:
+            encoder = teacher.detector.transformer.encoder
+            reference = encoder.get_reference_points(tr["spatial_shapes"], tr["valid_ratios"])
+            inputs = [tr["src_flatten"]] + tr["enc_states"][:-1]
+            with torch.no_grad():
+                teacher_layers = [layer(x.detach(), tr["pos_flatten"].detach(), reference, tr["spatial_shapes"],
+                                        tr["level_start_index"], tr["mask_flatten"])
+                                  for layer, x in zip(encoder.layers, inputs)]
+        return [EncoderPair(s_w, t_w, s_out, t_out, valid)
+                for s_out, s_w, (t_out, t_w) in zip(tr["enc_states"], tr["enc_attn_weights"], teacher_layers)]
+
+    @classmethod
+    def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
+        tr = student_out["transformer_out"]
+        q = cls.num_queries(teacher)
+        student_preds = _layer_predictions(student_out)
+        if teacher_out is not None:
+            if teacher.detector.two_stage:
+                raise ValueError(
+                    "MODEL.DISTILL.MODE 'parallel' cannot distill the decoder of a two-stage Deformable-DETR: "
+                    "teacher and student pick different proposals, so their queries do not correspond. "
+                    "Use MODE 'teacher_forced' or set MODEL.DISTILL.DEC_*_WEIGHT to 0.")
+            t_hidden = list(teacher_out["transformer_out"]["hs"])
+            t_preds = _layer_predictions(teacher_out)
+        else:
+            t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher.detector, q)
+        return [DecoderPair(s_h[:, :q], t_h, s_p["pred_logits"][:, :q], t_p["pred_logits"],
+                            s_p["pred_boxes"][:, :q], t_p["pred_boxes"])
+                for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
+
+
+    @staticmethod
+    @torch.no_grad()
+    def _teacher_forced_decoder(tr: Dict, det, q: int):
+        """Each teacher decoder layer on the student's queries, references and memory."""
+        references = [tr["init_reference"]] + list(tr["inter_references"][:-1])
+        inputs = [tr["tgt"]] + list(tr["hs"][:-1])
+        memory, query_pos = tr["memory"].detach(), tr["query_pos"][:, :q].detach()
+        t_hidden, t_preds = [], []
+        for lid, layer in enumerate(det.transformer.decoder.layers):
+            reference = references[lid][:, :q].detach()
+            ratios = tr["valid_ratios"] if reference.shape[-1] == 2 else tr["valid_ratios"].repeat(1, 1, 2)
+            hidden, _, _ = layer(inputs[lid][:, :q].detach(), query_pos, reference[:, :, None] * ratios[:, None],
+                                 memory, tr["spatial_shapes"], tr["level_start_index"], tr["mask_flatten"])
+            delta = det.bbox_embed[lid](hidden)
+            ref = inverse_sigmoid(reference)
+            coord = delta + ref if ref.shape[-1] == 4 else torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            t_hidden.append(hidden)
+            t_preds.append({"pred_logits": det.class_embed[lid](hidden), "pred_boxes": coord.sigmoid()})
+        return t_hidden, t_preds
+
+
+# Meta-architecture name -> adapter.
+ADAPTERS = {"AQDETR": DETRAdapter, "AQDeformableDETR": DeformableDETRAdapter}

@@ -1,0 +1,185 @@
+"""Layer-by-layer distillation: zero for identical models, positive and differentiable once quantized."""
+import os
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from aqdetr_d2.distill import build_distiller
+from aqdetr_d2.quant import LSQQuantizer
+
+ARCHS = {
+    "detr": ("shapes/detr_fp32.yaml", "DETR"),
+    "deformable": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR"),
+}
+TERMS = {"loss_distill_enc_attn", "loss_distill_enc_out", "loss_distill_dec_hidden", "loss_distill_dec_cls",
+         "loss_distill_dec_box"}
+
+
+def _tiny(node):
+    return {f"MODEL.{node}.HIDDEN_DIM": 32, f"MODEL.{node}.DIM_FEEDFORWARD": 64, f"MODEL.{node}.NHEADS": 4,
+            f"MODEL.{node}.ENC_LAYERS": 2, f"MODEL.{node}.DEC_LAYERS": 2, "MODEL.RESNETS.NORM": "FrozenBN"}
+
+
+def _opts(d):
+    return [x for k, v in d.items() for x in (k, str(v))]
+
+
+@pytest.fixture
+def teacher_files(tmp_path, make_cfg, project_root):
+    """Per architecture: (teacher yaml, teacher checkpoint) of a tiny random float model."""
+    def make(arch, *extra):
+        config, node = ARCHS[arch]
+        overrides = {**_tiny(node), **dict(zip(extra[::2], extra[1::2]))}
+        yaml = tmp_path / f"teacher_{arch}.yaml"
+        yaml.write_text(_nested_yaml(overrides, os.path.join(project_root, "configs", config)))
+        teacher = build_model(make_cfg(config, *_opts(overrides)))
+        with torch.no_grad():
+            # Zero-initialised box-head layers would make every box term vanish trivially.
+            for p in teacher.parameters():
+                if p.dim() > 1 and not p.any():
+                    p.normal_(0, 0.05)
+        DetectionCheckpointer(teacher, str(tmp_path)).save(f"teacher_{arch}")
+        return str(yaml), str(tmp_path / f"teacher_{arch}.pth"), overrides, teacher
+    return make
+
+
+def _nested_yaml(overrides, base):
+    tree = {}
+    for key, value in overrides.items():
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+
+    def dump(node, indent=0):
+        out = []
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out.append(" " * indent + f"{k}:")
+                out.extend(dump(v, indent + 2))
+            else:
+                out.append(" " * indent + f"{k}: {v}")
+        return out
+
+    return "\n".join([f'_BASE_: "{base}"'] + dump(tree)) + "\n"
+
+
+def _student(make_cfg, arch, yaml, weights, *extra, overrides=None):
+    config, node = ARCHS[arch]
+    cfg = make_cfg(config, *_opts(overrides or _tiny(node)), "MODEL.DISTILL.ENABLED", "True",
+                   "MODEL.DISTILL.TEACHER_CONFIG", yaml,
+                   "MODEL.DISTILL.TEACHER_WEIGHTS", weights, *extra)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    model.distiller = build_distiller(cfg)
+    return cfg, model
+
+
+def _batch(gen, n=2):
+    from detectron2.structures import Boxes, Instances
+
+    batch = []
+    for h, w in [(96, 128), (112, 80)][:n]:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [30.0, 5.0, 70.0, 40.0]]))
+        inst.gt_classes = torch.tensor([1, 3])
+        batch.append({"image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8),
+                      "height": h, "width": w, "instances": inst})
+    return batch
+
+
+def _parallel_safe(arch, mode):
+    # Two-stage teacher and student select different proposals: parallel mode cannot pair them.
+    return ("MODEL.DEFORMABLE_DETR.TWO_STAGE", False) if arch == "deformable" and mode == "parallel" else ()
+
+
+@pytest.mark.parametrize("arch", ["detr", "deformable"])
+@pytest.mark.parametrize("mode", ["teacher_forced", "parallel"])
+def test_terms_vanish_for_identical_float_models(make_cfg, teacher_files, arch, mode):
+    yaml, weights, overrides, _ = teacher_files(arch, *_parallel_safe(arch, mode))
+    _, student = _student(make_cfg, arch, yaml, weights, "MODEL.DISTILL.MODE", mode, overrides=overrides)
+    student.train()
+    losses = student(_batch(torch.Generator().manual_seed(0)))
+    distill = {k: v for k, v in losses.items() if k.startswith("loss_distill")}
+    assert set(distill) == TERMS
+    for name, value in distill.items():
+        assert value.abs().item() < 1e-5, f"{name} = {value.item()}"
+
+
+@pytest.mark.parametrize("arch", ["detr", "deformable"])
+@pytest.mark.parametrize("mode", ["teacher_forced", "parallel"])
+def test_terms_are_positive_and_reach_step_sizes_when_quantized(make_cfg, teacher_files, arch, mode):
+    yaml, weights, overrides, _ = teacher_files(arch, *_parallel_safe(arch, mode))
+    _, student = _student(make_cfg, arch, yaml, weights, "MODEL.DISTILL.MODE", mode, "MODEL.QUANT.ENABLED", "True",
+                          "MODEL.QUANT.WEIGHT_BITS", "2", "MODEL.QUANT.ACT_BITS", "2", "MODEL.QUANT.ATTN_BITS", "2",
+                          overrides=overrides)
+    teacher_state = {k: v.clone() for k, v in student.distiller.teacher.state_dict().items()}
+    student.train()
+    losses = student(_batch(torch.Generator().manual_seed(1)))
+    for name in TERMS:
+        assert losses[name].item() > 0, name
+        assert losses[name].requires_grad, name
+    sum(losses[k] for k in TERMS).backward()
+    steps = [m.scale for m in student.modules() if isinstance(m, LSQQuantizer) and m.enabled]
+    assert sum(int(s.grad is not None and s.grad.abs().sum() > 0) for s in steps) > len(steps) // 2
+    # The teacher is frozen and invisible to the student's state and parameters.
+    assert all(not p.requires_grad and p.grad is None for p in student.distiller.teacher.parameters())
+    assert not any(k.startswith("distiller") for k in student.state_dict())
+    assert {id(p) for p in student.parameters()}.isdisjoint({id(p) for p in student.distiller.teacher.parameters()})
+    for k, v in student.distiller.teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k
+
+
+def test_foreground_only_uses_matched_queries(make_cfg, teacher_files):
+    yaml, weights, _, _ = teacher_files("detr")
+    _, student = _student(make_cfg, "detr", yaml, weights, "MODEL.QUANT.ENABLED", "True",
+                          "MODEL.DISTILL.FOREGROUND_ONLY", "True")
+    student.train()
+    batch = _batch(torch.Generator().manual_seed(2))
+    fg = student(batch)
+    student.distiller.foreground_only = False
+    everything = student(batch)
+    assert fg["loss_distill_dec_hidden"].item() != pytest.approx(everything["loss_distill_dec_hidden"].item())
+    assert fg["loss_distill_enc_attn"].item() == pytest.approx(everything["loss_distill_enc_attn"].item())
+
+
+def test_parallel_mode_refuses_two_stage_decoder(make_cfg, teacher_files):
+    yaml, weights, _, _ = teacher_files("deformable")
+    _, student = _student(make_cfg, "deformable", yaml, weights, "MODEL.DISTILL.MODE", "parallel")
+    student.train()
+    with pytest.raises(ValueError, match="two-stage"):
+        student(_batch(torch.Generator().manual_seed(3)))
+
+
+def test_missing_teacher_weights_is_a_clear_error(make_cfg, teacher_files):
+    yaml, _, _, _ = teacher_files("detr")
+    with pytest.raises(ValueError, match="TEACHER_WEIGHTS"):
+        _student(make_cfg, "detr", yaml, "")
+
+
+def test_teacher_of_another_architecture_is_rejected(make_cfg, teacher_files):
+    yaml, weights, _, _ = teacher_files("deformable")
+    config, node = ARCHS["detr"]
+    cfg = make_cfg(config, *_opts(_tiny(node)), "MODEL.DISTILL.ENABLED", "True",
+                   "MODEL.DISTILL.TEACHER_CONFIG", yaml, "MODEL.DISTILL.TEACHER_WEIGHTS", weights)
+    with pytest.raises(ValueError, match="does not match the student"):
+        build_distiller(cfg)
+
+
+def test_teacher_of_another_size_is_rejected(make_cfg, teacher_files):
+    yaml, weights, _, _ = teacher_files("detr")
+    config, node = ARCHS["detr"]
+    cfg = make_cfg(config, *_opts(_tiny(node)), "MODEL.DETR.DEC_LAYERS", "3", "MODEL.DISTILL.ENABLED", "True",
+                   "MODEL.DISTILL.TEACHER_CONFIG", yaml, "MODEL.DISTILL.TEACHER_WEIGHTS", weights)
+    with pytest.raises(ValueError, match="DEC_LAYERS: student 3 vs teacher 2"):
+        build_distiller(cfg)
+
+
+def test_unknown_mode_is_rejected(make_cfg, teacher_files):
+    yaml, weights, _, _ = teacher_files("detr")
+    with pytest.raises(ValueError, match="MODEL.DISTILL.MODE"):
+        _student(make_cfg, "detr", yaml, weights, "MODEL.DISTILL.MODE", "sideways")
