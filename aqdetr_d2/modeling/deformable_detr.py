@@ -127,7 +127,8 @@ class DeformableDETR(nn.Module):
         return extra_srcs, extra_masks, extra_pos
 
     def forward(self, features: List[Tensor], masks: List[Tensor], pos: List[Tensor],
-                self_attn_mask: Optional[Tensor] = None, query_embeds: Optional[Tensor] = None) -> Dict[str, Any]:
+                self_attn_mask: Optional[Tensor] = None, query_embeds: Optional[Tensor] = None,
+                num_aux_proposals: int = 0) -> Dict[str, Any]:
         """
         Args:
             features: per backbone level (B, C_l, H_l, W_l), finest first.
@@ -137,6 +138,8 @@ class DeformableDETR(nn.Module):
                 (e.g. to keep auxiliary query groups apart); Q is the number of queries used.
             query_embeds: (Q, 2 * d_model) queries to use instead of `query_embed.weight`
                 (e.g. object queries followed by auxiliary ones); not with two-stage.
+            num_aux_proposals: two-stage only: extra encoder proposals used as queries after the
+                `num_queries` object queries (auxiliary queries, H-DETR).
         Returns:
             dict with
             - "pred_logits": (B, Q, num_classes) class logits of the last decoder layer;
@@ -159,7 +162,7 @@ class DeformableDETR(nn.Module):
 
         if not self.two_stage and query_embeds is None:
             query_embeds = self.query_embed.weight
-        out = self.transformer(srcs, masks, pos, query_embeds, self_attn_mask)
+        out = self.transformer(srcs, masks, pos, query_embeds, self_attn_mask, num_aux_proposals)
 
         hs = out["hs"]
         outputs_classes, outputs_coords = [], []

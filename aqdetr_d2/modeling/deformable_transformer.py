@@ -6,7 +6,8 @@ loads after prefix changes and the q/k/v split of the decoder self-attention (do
 the numbers:
 - the transformer returns a dict with the per-layer encoder states and attention weights,
   the decoder attention maps and the flattened inputs, so distillation can read them;
-- the decoder self-attention takes an optional mask (auxiliary query groups);
+- the decoder self-attention takes an optional mask (auxiliary query groups), and two-stage
+  can select extra proposals for auxiliary queries (`num_aux_proposals`);
 - the two-stage query position embedding has d_model / 2 frequencies per coordinate
   (the official code hard-codes 128, which is the same for d_model = 256 and wrong otherwise).
 
@@ -338,8 +339,8 @@ class DeformableTransformer(nn.Module):
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
-                query_embed: Optional[Tensor] = None, self_attn_mask: Optional[Tensor] = None
-                ) -> Dict[str, Any]:
+                query_embed: Optional[Tensor] = None, self_attn_mask: Optional[Tensor] = None,
+                num_aux_proposals: int = 0) -> Dict[str, Any]:
         """
         Args:
             srcs: per level (B, C, H_l, W_l) projected features.
@@ -347,6 +348,9 @@ class DeformableTransformer(nn.Module):
             pos_embeds: per level (B, C, H_l, W_l) position embeddings.
             query_embed: (Q, 2C) learned queries, [position | content]; required unless two-stage.
             self_attn_mask: (Q, Q) bool, True = blocked, for the decoder self-attention.
+            num_aux_proposals: two-stage only: select the top `two_stage_num_proposals +
+                num_aux_proposals` proposals (H-DETR); the first `two_stage_num_proposals`, the
+                object queries, are those selected without auxiliary ones.
         Returns:
             dict with
             - "hs": (L_dec, B, Q, C) decoder outputs of every layer;
@@ -366,6 +370,8 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
+        if num_aux_proposals and not self.two_stage:
+            raise ValueError("num_aux_proposals is for two-stage; pass auxiliary queries in query_embed")
         if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
             raise ValueError(f"expected {self.num_feature_levels} levels of srcs / masks / pos_embeds, "
                              f"got {len(srcs)} / {len(masks)} / {len(pos_embeds)}")
@@ -398,7 +404,12 @@ class DeformableTransformer(nn.Module):
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
             enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
             # Ranked by the first class's score, as in the official code.
-            topk = torch.topk(enc_outputs_class[..., 0], self.two_stage_num_proposals, dim=1)[1]
+            num_proposals = self.two_stage_num_proposals + num_aux_proposals
+            if num_proposals > memory.shape[1]:
+                raise ValueError(f"two-stage selects {num_proposals} proposals (object + auxiliary queries) "
+                                 f"but the encoder has only {memory.shape[1]} positions; use larger images "
+                                 "or fewer queries")
+            topk = torch.topk(enc_outputs_class[..., 0], num_proposals, dim=1)[1]
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk[..., None].expand(-1, -1, 4))
             # No gradient from the decoder into the proposal boxes: they are supervised by the
             # encoder loss only.

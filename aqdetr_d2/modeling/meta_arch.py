@@ -1,6 +1,6 @@
 """Detectron2 meta-architectures `AQDETR` and `AQDeformableDETR`."""
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from ..layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from ..layers.mlp import MLP
 from ..layers.position_encoding import PositionEmbeddingSine
+from .aux_queries import (DEFORMABLE_DETR_QUERY_AXES, DETR_QUERY_AXES, AuxQueries, aux_query_loss,
+                          split_query_outputs)
 from .backbone import build_detr_backbone, masked_features
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
@@ -27,12 +29,15 @@ __all__ = ["AQDETR", "AQDeformableDETR"]
 class _SetPredictionDetector(nn.Module):
     """Input normalization, target conversion and output formatting shared by both models."""
 
-    def __init__(self, *, backbone, in_features, criterion, num_classes, pixel_mean, pixel_std):
+    def __init__(self, *, backbone, in_features, criterion, num_classes, pixel_mean, pixel_std,
+                 aux_queries: Optional[AuxQueries] = None):
         super().__init__()
         self.backbone = backbone
         self.in_features = list(in_features)
         self.criterion = criterion
         self.num_classes = num_classes
+        # Training-only auxiliary queries (settings; the subclass owns `aux_query_embed`).
+        self.aux_queries = aux_queries
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         # Set by the trainer when distillation is on: a module without state that holds the
@@ -42,6 +47,11 @@ class _SetPredictionDetector(nn.Module):
     @property
     def device(self):
         return self.pixel_mean.device
+
+    @property
+    def uses_aux_queries(self) -> bool:
+        """Auxiliary queries run in training only: at inference they do not exist."""
+        return self.training and self.aux_queries is not None
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
@@ -73,6 +83,9 @@ class _SetPredictionDetector(nn.Module):
                 raise ValueError("Training inputs need 'instances'; check the dataset mapper")
             targets = self.prepare_targets(batched_inputs, images)
             losses = self.criterion(outputs, targets)
+            if "aux_query_outputs" in outputs:
+                losses.update(aux_query_loss(self.criterion, outputs["aux_query_outputs"], targets,
+                                             self.aux_queries))
             if self.distiller is not None:
                 losses.update(self.distiller(self, images, outputs, targets))
             return losses
@@ -112,9 +125,10 @@ class AQDETR(_SetPredictionDetector):
     @configurable
     def __init__(self, *, backbone, in_feature: str, transformer: Transformer, num_classes: int,
                  num_queries: int, criterion: SetCriterion, deep_supervision: bool = True,
-                 quantize=None, pixel_mean, pixel_std):
+                 aux_queries: Optional[AuxQueries] = None, quantize=None, pixel_mean, pixel_std):
         super().__init__(backbone=backbone, in_features=[in_feature], criterion=criterion,
-                         num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
+                         num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                         aux_queries=aux_queries)
         hidden = transformer.d_model
         self.transformer = transformer
         self.position_embedding = PositionEmbeddingSine(hidden // 2, normalize=True)
@@ -123,6 +137,8 @@ class AQDETR(_SetPredictionDetector):
         self.class_embed = nn.Linear(hidden, num_classes + 1)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
         self.deep_supervision = deep_supervision
+        # Created last, so that the other parameters are initialised as without it.
+        self.aux_query_embed = nn.Embedding(aux_queries.num_queries, hidden) if aux_queries else None
         if quantize is not None:
             quantize(self)
 
@@ -141,21 +157,29 @@ class AQDETR(_SetPredictionDetector):
             "criterion": SetCriterion(d.NUM_CLASSES, matcher, d.CLASS_WEIGHT, d.L1_WEIGHT,
                                       d.GIOU_WEIGHT, d.NO_OBJECT_WEIGHT),
             "deep_supervision": d.DEEP_SUPERVISION,
+            "aux_queries": AuxQueries.from_config(cfg),
             "quantize": partial(maybe_quantize, cfg, layout=DETR_LAYOUT),
             **_pixel_stats(cfg),
         }
 
     def predict(self, images: ImageList) -> Dict:
-        """-> "pred_logits" (B, Q, K + 1), "pred_boxes" (B, Q, 4), "aux_outputs", "transformer"."""
+        """-> "pred_logits" (B, Q, K + 1), "pred_boxes" (B, Q, 4), "aux_outputs", "transformer";
+        in training with auxiliary queries also "aux_query_outputs" (see `split_query_outputs`)."""
         features, masks = masked_features(self.backbone, images, self.in_features)
         src, mask = features[-1], masks[-1]
         pos = self.position_embedding(mask).to(src.dtype)
-        out = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos)
+        queries, tgt_mask = self.query_embed.weight, None
+        if self.uses_aux_queries:
+            tgt_mask = self.aux_queries.self_attn_mask(len(queries), queries.device)
+            queries = torch.cat([queries, self.aux_query_embed.weight])
+        out = self.transformer(self.input_proj(src), mask, queries, pos, tgt_mask=tgt_mask)
         logits = self.class_embed(out["hs"])
         boxes = self.bbox_embed(out["hs"]).sigmoid()
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "transformer": out}
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if tgt_mask is not None:
+            outputs = split_query_outputs(outputs, self.query_embed.num_embeddings, "transformer", DETR_QUERY_AXES)
         return outputs
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
@@ -170,11 +194,18 @@ class AQDeformableDETR(_SetPredictionDetector):
 
     @configurable
     def __init__(self, *, backbone, in_features, detector: DeformableDETR, num_classes: int,
-                 criterion: SetCriterion, topk_test: int = 100, quantize=None, pixel_mean, pixel_std):
+                 criterion: SetCriterion, topk_test: int = 100, aux_queries: Optional[AuxQueries] = None,
+                 quantize=None, pixel_mean, pixel_std):
         super().__init__(backbone=backbone, in_features=in_features, criterion=criterion,
-                         num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
+                         num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                         aux_queries=aux_queries)
         self.detector = detector
         self.topk_test = topk_test
+        # [position | content] like `detector.query_embed`. In two-stage the auxiliary queries
+        # are the next-best encoder proposals (H-DETR) and need no embedding.
+        self.aux_query_embed = None
+        if aux_queries is not None and not detector.two_stage:
+            self.aux_query_embed = nn.Embedding(aux_queries.num_queries, 2 * detector.transformer.d_model)
         if quantize is not None:
             quantize(self)
 
@@ -205,13 +236,26 @@ class AQDeformableDETR(_SetPredictionDetector):
                                  focal=True, focal_alpha=d.FOCAL_ALPHA)
         return {"backbone": backbone, "in_features": d.IN_FEATURES, "detector": detector,
                 "num_classes": d.NUM_CLASSES, "criterion": criterion, "topk_test": d.TOPK_TEST,
+                "aux_queries": AuxQueries.from_config(cfg),
                 "quantize": partial(maybe_quantize, cfg, layout=DEFORMABLE_DETR_LAYOUT),
                 **_pixel_stats(cfg)}
 
     def predict(self, images: ImageList) -> Dict:
+        """`DeformableDETR.forward`'s dict; in training with auxiliary queries, cut to the object
+        queries, with "aux_query_outputs" for the auxiliary ones (see `split_query_outputs`)."""
         features, masks = masked_features(self.backbone, images, self.in_features)
         pos = [self.detector.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
-        return self.detector(features, masks, pos)
+        if not self.uses_aux_queries:
+            return self.detector(features, masks, pos)
+        num_queries = self.detector.num_queries
+        attn_mask = self.aux_queries.self_attn_mask(num_queries, self.device)
+        if self.detector.two_stage:
+            out = self.detector(features, masks, pos, self_attn_mask=attn_mask,
+                                num_aux_proposals=self.aux_queries.num_queries)
+        else:
+            queries = torch.cat([self.detector.query_embed.weight, self.aux_query_embed.weight])
+            out = self.detector(features, masks, pos, self_attn_mask=attn_mask, query_embeds=queries)
+        return split_query_outputs(out, num_queries, "transformer_out", DEFORMABLE_DETR_QUERY_AXES)
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
         """Top-k (query, class) pairs by sigmoid score: logits (B, Q, K), boxes (B, Q, 4)."""
