@@ -75,6 +75,12 @@ class AQDETRTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def train(self):
+        """Train; returns the final evaluation results (DefaultTrainer returns them only when
+        TEST.EXPECTED_RESULTS is set)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
     def resume_or_load(self, resume=True):
         """Load weights (or resume), then calibrate any quantizer the checkpoint did not set."""
         super().resume_or_load(resume=resume)

@@ -5,13 +5,13 @@
     python projects/AQDETR/train_net.py --config-file F --eval-only MODEL.WEIGHTS model_final.pth
     python projects/AQDETR/train_net.py --config-file F --num-gpus 8 --resume
 """
-import logging
-
 import torch
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from aqdetr_d2 import add_aqdetr_config
 from aqdetr_d2.config import merge_config
@@ -22,11 +22,14 @@ def setup(args):
     cfg = get_cfg()
     add_aqdetr_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("aqdetr_d2").warning("CUDA is not available; running on the CPU (MODEL.DEVICE cpu)")
+    fell_back = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
+    if fell_back:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    logger = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aqdetr_d2")
+    if fell_back:
+        logger.warning("CUDA is not available; running on the CPU (MODEL.DEVICE cpu)")
     return cfg
 
 

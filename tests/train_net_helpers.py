@@ -1,0 +1,48 @@
+"""Run projects/AQDETR/train_net.py in-process with tiny CPU-sized models (shared by tests)."""
+import copy
+import importlib.util
+import os
+
+import pytest
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+
+SMALL_VAL = "shapes_val_first40"
+
+# Small enough for a CPU test, same code paths as the real configs.
+TINY = {
+    "detr_fp32.yaml": ["MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.DIM_FEEDFORWARD", "64",
+                       "MODEL.DETR.NHEADS", "4", "MODEL.DETR.ENC_LAYERS", "1", "MODEL.DETR.DEC_LAYERS", "2"],
+    "deformable_detr_fp32.yaml": ["MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32",
+                                  "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64",
+                                  "MODEL.DEFORMABLE_DETR.NHEADS", "4", "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1",
+                                  "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2"],
+}
+COMMON = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+          "INPUT.MIN_SIZE_TEST", "96", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0"]
+
+
+@pytest.fixture(scope="module")
+def train_net(project_root):
+    path = os.path.join(project_root, "projects", "AQDETR", "train_net.py")
+    spec = importlib.util.spec_from_file_location("aqdetr_train_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if SMALL_VAL not in DatasetCatalog.list():
+        DatasetCatalog.register(SMALL_VAL, lambda: copy.deepcopy(DatasetCatalog.get("shapes_val")[:40]))
+        MetadataCatalog.get(SMALL_VAL).set(thing_classes=MetadataCatalog.get("shapes_val").thing_classes,
+                                           evaluator_type="coco")
+    return module
+
+
+def _run(train_net, config, output_dir, *extra, flags=()):
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(os.path.dirname(train_net.__file__), "..", "..", "configs", "shapes", config),
+         *flags, *COMMON, *TINY[config], "OUTPUT_DIR", str(output_dir), "DATASETS.TEST", f"('{SMALL_VAL}',)", *extra])
+    return train_net.main(args)
+
+
+def _log(output_dir):
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        return f.read()
