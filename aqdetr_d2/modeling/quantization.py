@@ -74,3 +74,7 @@ def quant_config_from_cfg(cfg, model: nn.Module, layout: QuantLayout) -> Optiona
 def maybe_quantize(cfg, model: nn.Module, layout: QuantLayout) -> nn.Module:
     qcfg = quant_config_from_cfg(cfg, model, layout)
     return model if qcfg is None else quantize_model(model, qcfg)
+
+
+# Meta-architecture name -> its layout (used by the export and report tools).
+LAYOUTS = {"AQDETR": DETR_LAYOUT, "AQDeformableDETR": DEFORMABLE_DETR_LAYOUT}

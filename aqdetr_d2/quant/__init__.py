@@ -12,6 +12,7 @@ from .attention import (
 )
 from .calibrate import calibrate, calibration, iter_quantizers
 from .convert import QuantConfig, quantize_model
+from .export import export_quantized, exported_state_dict, load_exported, pack_codes, unpack_codes
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import (
     QUANTIZER_REGISTRY,
@@ -24,6 +25,7 @@ from .quantizers import (
     check_bits,
     quant_range,
 )
+from .report import ModelReport, PartStats, model_report
 
 __all__ = [
     "MHA_POINTS",
@@ -33,6 +35,8 @@ __all__ = [
     "LSQPlusQuantizer",
     "LSQQuantizer",
     "MinMaxQuantizer",
+    "ModelReport",
+    "PartStats",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
@@ -43,9 +47,15 @@ __all__ = [
     "calibrate",
     "calibration",
     "check_bits",
+    "export_quantized",
+    "exported_state_dict",
     "install_quantizers",
     "iter_quantizers",
+    "load_exported",
+    "model_report",
+    "pack_codes",
     "point_quantizer",
     "quant_range",
     "quantize_model",
+    "unpack_codes",
 ]
