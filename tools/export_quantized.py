@@ -108,6 +108,9 @@ def main(argv=None):
     logger = logging.getLogger("aqdetr_d2.export")
 
     model = build_model(cfg)
+    # A float checkpoint lacks every quantizer's state: fvcore would list each missing key. The
+    # checkpointer still refuses any other missing tensor, and calibration below fills them in.
+    logging.getLogger("fvcore.common.checkpoint").setLevel(logging.ERROR)
     if cfg.MODEL.WEIGHTS:
         AQDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
