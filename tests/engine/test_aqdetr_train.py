@@ -1,0 +1,89 @@
+"""AQ-DETR training end to end: quantized student + auxiliary queries + distillation from a frozen teacher."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run, train_net  # noqa: F401  (fixture)
+
+from aqdetr_d2.engine import AQDETRTrainer
+
+NODES = {"detr_fp32.yaml": "DETR", "deformable_detr_fp32.yaml": "DEFORMABLE_DETR"}
+STUDENTS = {"detr_fp32.yaml": "aqdetr_w4a4.yaml", "deformable_detr_fp32.yaml": "aq_deformable_detr_w4a4.yaml"}
+
+
+def write_teacher(train_net, config, tmp_path, project_root):  # noqa: F811
+    """Train a tiny float teacher for 2 steps; returns (teacher yaml, teacher checkpoint, student opts)."""
+    teacher_dir = tmp_path / "teacher"
+    _run(train_net, config, teacher_dir, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()")
+    tiny = TINY[config]
+    lines = [f'_BASE_: "{os.path.join(project_root, "configs", "shapes", config)}"', "MODEL:",
+             f"  {NODES[config]}:"]
+    lines += [f"    {k.split('.')[-1]}: {v}" for k, v in zip(tiny[::2], tiny[1::2])]
+    yaml = tmp_path / "teacher.yaml"
+    yaml.write_text("\n".join(lines) + "\n")
+    weights = str(teacher_dir / "model_final.pth")
+    student = ["MODEL.WEIGHTS", weights, "MODEL.DISTILL.TEACHER_CONFIG", str(yaml),
+               "MODEL.DISTILL.TEACHER_WEIGHTS", weights, "MODEL.QUANT.CALIB_BATCHES", "1",
+               "MODEL.AUX_QUERIES.NUM_QUERIES", "60"]
+    return str(yaml), weights, student
+
+
+def _student_cfg(make_cfg, config, extra):
+    return make_cfg(os.path.join("shapes", STUDENTS[config]), *COMMON[2:], *TINY[config], *extra)
+
+
+@pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
+def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, project_root, tmp_path, config):  # noqa: F811
+    _, teacher_weights, opts = write_teacher(train_net, config, tmp_path, project_root)
+    cfg = _student_cfg(make_cfg, config, [*opts, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "student"),
+                                          "DATASETS.TEST", f"('{SMALL_VAL}',)"])
+    trainer = AQDETRTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    teacher = trainer.model.distiller.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    results = trainer.train()
+    storage_keys = set(trainer.storage.histories())
+    assert {"loss_distill_enc_attn", "loss_distill_dec_hidden", "loss_ce_aux", "loss_ce"} <= storage_keys
+    assert not teacher.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+
+    saved = torch.load(tmp_path / "student" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert not any("teacher" in k or k.startswith("distiller") for k in saved)
+    teacher_keys = set(torch.load(teacher_weights, map_location="cpu", weights_only=True)["model"])
+    assert set(saved) - teacher_keys  # quantizer state and auxiliary queries were added
+
+    # --eval-only needs no teacher, and reproduces the final evaluation exactly.
+    evaluated = _run(train_net, "detr_fp32.yaml" if "DETR" == NODES[config] else config, tmp_path / "eval",
+                     "MODEL.WEIGHTS", str(tmp_path / "student" / "model_final.pth"),
+                     "MODEL.QUANT.ENABLED", "True", "MODEL.RESNETS.NORM", "FrozenBN", flags=["--eval-only"])
+    with open(tmp_path / "student" / "inference" / SMALL_VAL / "coco_instances_results.json") as f:
+        trained_predictions = json.load(f)
+    with open(tmp_path / "eval" / "inference" / SMALL_VAL / "coco_instances_results.json") as f:
+        assert json.load(f) == trained_predictions
+    assert evaluated["bbox"]["AP"] == results["bbox"]["AP"]
+
+
+def test_two_process_ddp_distillation_keeps_quantizers_in_sync(train_net, project_root, tmp_path):  # noqa: F811
+    config = "detr_fp32.yaml"
+    _, _, opts = write_teacher(train_net, config, tmp_path, project_root)
+    script = os.path.join(project_root, "tests", "engine", "ddp_distill_check.py")
+    args = [os.path.join(project_root, "configs", "shapes", STUDENTS[config]), str(tmp_path / "result.json"),
+            *COMMON, *TINY[config], *opts, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "ddp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    assert result["world_size"] == 2
+    assert result["ddp_wrapped"] and not result["teacher_in_ddp"]
+    assert result["num_quantizers"] > 50
+    assert result["max_scale_difference_across_ranks"] == 0.0
+    assert result["max_param_difference_across_ranks"] == 0.0
+    assert result["iterations"] == 2
