@@ -225,3 +225,19 @@ def test_report_deformable_attention_flops():
     linear = batch * (len_q * 32 * (4 * 2 * 3 * 2) + len_q * 32 * (4 * 2 * 3) + len_in * 32 * 32 + len_q * 32 * 32)
     sampling = batch * len_q * 4 * 2 * 3 * 8  # attention weights x head dim
     assert report["attn"].flops == linear + sampling
+
+
+@pytest.mark.parametrize("quantizer,bits", [("minmax", 3), ("lsq", 2), ("lsq+", 8)])
+def test_export_other_quantizers_and_bit_widths(toy_detector, images, quantizer, bits):
+    def build():
+        return quantize_model(toy_detector(), QuantConfig(weight_bits=bits, quantizer=quantizer,
+                                                          keep_fp_patterns=["input_proj"]))
+
+    model = build()
+    calibrate(model, [images])
+    model.eval()
+    exported = export_quantized(model)
+    assert {e["bits"] for e in exported["packed"].values()} == {bits}
+    fresh = load_exported(build().eval(), exported)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images), fresh(images)))
