@@ -9,6 +9,8 @@ import torch
 
 from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run, train_net  # noqa: F401  (fixture)
 
+from detectron2.engine import default_argument_parser
+
 from aqdetr_d2.engine import AQDETRTrainer
 
 NODES = {"detr_fp32.yaml": "DETR", "deformable_detr_fp32.yaml": "DEFORMABLE_DETR"}
@@ -58,10 +60,14 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, projec
     teacher_keys = set(torch.load(teacher_weights, map_location="cpu", weights_only=True)["model"])
     assert set(saved) - teacher_keys  # quantizer state and auxiliary queries were added
 
-    # --eval-only needs no teacher, and reproduces the final evaluation exactly.
-    evaluated = _run(train_net, "detr_fp32.yaml" if "DETR" == NODES[config] else config, tmp_path / "eval",
-                     "MODEL.WEIGHTS", str(tmp_path / "student" / "model_final.pth"),
-                     "MODEL.QUANT.ENABLED", "True", "MODEL.RESNETS.NORM", "FrozenBN", flags=["--eval-only"])
+    # --eval-only with the student's own config needs no teacher (its weights may be gone),
+    # and reproduces the final evaluation exactly.
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(project_root, "configs", "shapes", STUDENTS[config]), "--eval-only",
+        *COMMON, *TINY[config], *opts, "MODEL.WEIGHTS", str(tmp_path / "student" / "model_final.pth"),
+        "MODEL.DISTILL.TEACHER_WEIGHTS", str(tmp_path / "deleted.pth"), "OUTPUT_DIR", str(tmp_path / "eval"),
+        "DATASETS.TEST", f"('{SMALL_VAL}',)"])
+    evaluated = train_net.main(args)
     with open(tmp_path / "student" / "inference" / SMALL_VAL / "coco_instances_results.json") as f:
         trained_predictions = json.load(f)
     with open(tmp_path / "eval" / "inference" / SMALL_VAL / "coco_instances_results.json") as f:
