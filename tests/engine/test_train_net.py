@@ -56,7 +56,7 @@ def test_two_process_cpu_ddp_takes_steps(project_root, tmp_path):
     """`--num-gpus 2` on a machine without GPUs runs two gloo processes."""
     cmd = [sys.executable, os.path.join(project_root, "projects", "AQDETR", "train_net.py"),
            "--config-file", os.path.join(project_root, "configs", "shapes", "detr_fp32.yaml"),
-           "--num-gpus", "2", *COMMON, *TINY["detr_fp32.yaml"], "SOLVER.MAX_ITER", "2",
+           "--num-gpus", "2", "--dist-url", "auto", *COMMON, *TINY["detr_fp32.yaml"], "SOLVER.MAX_ITER", "2",
            "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
