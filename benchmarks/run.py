@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Speed benchmarks of AQ-DETR, every figure measured in this one process.
+"""Speed and size benchmarks of AQ-DETR, every figure measured in this one process.
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--output benchmarks/results.json]
 
+For both shapes architectures: training step time and eval latency of the float model, LSQ
+W4A4A4 and W4A4A4 + auxiliary queries + distillation (ratios against float), the packed
+export's size against the float checkpoint, and deformable attention against its reference.
 Writes JSON and a markdown table next to it and prints the table. Compare figures only
 within one run: the machines are shared, so absolute times drift but ratios hold.
 """
@@ -12,6 +15,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,14 +25,22 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from aqdetr_d2 import add_aqdetr_config
+from aqdetr_d2.checkpoint import AQDETRCheckpointer
 from aqdetr_d2.config import merge_config
 from aqdetr_d2.data import DetrDatasetMapper
-from aqdetr_d2.engine import build_detr_optimizer
+from aqdetr_d2.distill import build_distiller
+from aqdetr_d2.engine import build_detr_optimizer, initialize_quantizers
 from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
 from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
+from aqdetr_d2.quant import export_quantized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"DETR": "configs/shapes/detr_fp32.yaml", "Deformable-DETR": "configs/shapes/deformable_detr_fp32.yaml"}
+# Architecture -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
+CONFIGS = {
+    "DETR": ("configs/shapes/detr_fp32.yaml", "configs/shapes/detr_lsq_w4a4.yaml", "configs/shapes/aqdetr_w4a4.yaml"),
+    "Deformable-DETR": ("configs/shapes/deformable_detr_fp32.yaml", "configs/shapes/deformable_detr_lsq_w4a4.yaml",
+                        "configs/shapes/aq_deformable_detr_w4a4.yaml"),
+}
 
 
 def _cfg(path, device, opts=()):
@@ -52,12 +64,33 @@ def _timed(fn, repeats, device):
     return statistics.median(times)
 
 
-def bench_model(name, path, device, repeats):
-    cfg = _cfg(path, device)
+def _variants(configs, teacher_weights):
+    """(name, config, options) of the float model and the quantized ones compared with it."""
+    float_cfg, lsq_cfg, aq_cfg = configs
+    return [
+        ("float", float_cfg, []),
+        ("LSQ W4A4A4", lsq_cfg, ["MODEL.WEIGHTS", teacher_weights]),
+        ("W4A4A4 + aux queries + distillation", aq_cfg,
+         ["MODEL.WEIGHTS", teacher_weights, "MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights,
+          "MODEL.DISTILL.TEACHER_CONFIG", os.path.join(ROOT, float_cfg)]),
+    ]
+
+
+def _build(cfg):
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        AQDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.DISTILL.ENABLED:
+        model.distiller = build_distiller(cfg)
+    return model
+
+
+def bench_model(name, path, device, repeats, opts=()):
+    cfg = _cfg(path, device, opts)
     mapper = DetrDatasetMapper(cfg, is_train=True)
     dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     batch = [mapper(d) for d in dicts[: cfg.SOLVER.IMS_PER_BATCH]]
-    model = build_model(cfg)
+    model = _build(cfg)
     optimizer = build_detr_optimizer(cfg, model)
 
     def train_step():
@@ -80,7 +113,7 @@ def bench_model(name, path, device, repeats):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = None
-    return {"model": name, "config": path, "batch": len(batch), "train_step_s": step,
+    return {"model": name, "config": path, "options": list(opts), "batch": len(batch), "train_step_s": step,
             "train_iter_per_s": 1 / step, "eval_latency_s": latency, "eval_images_per_s": 1 / latency,
             "peak_train_memory_mb": peak, "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -101,16 +134,46 @@ def bench_deform_attn(device, quick):
             "grid_sample_s": fast, "naive_loop_s": naive, "speedup": naive / fast}
 
 
+def bench_export(lsq_config, device, teacher_weights, workdir):
+    """Packed W4A4A4 export of the model against the float checkpoint, both on disk."""
+    cfg = _cfg(lsq_config, device, ["MODEL.WEIGHTS", teacher_weights])
+    model = _build(cfg)
+    initialize_quantizers(cfg, model)
+    out = os.path.join(workdir, "export.pth")
+    torch.save(export_quantized(model), out)
+    return {"float_checkpoint_bytes": os.path.getsize(teacher_weights), "export_bytes": os.path.getsize(out),
+            "ratio": os.path.getsize(out) / os.path.getsize(teacher_weights)}
+
+
+def bench_architecture(arch, configs, device, repeats, workdir):
+    """Float, LSQ W4A4A4 and full AQ-DETR of one architecture; ratios against float."""
+    teacher_weights = os.path.join(workdir, f"{arch}_float.pth")
+    cfg = _cfg(configs[0], device)
+    torch.manual_seed(0)
+    # Random float weights stand in for the teacher: speed and size do not depend on them.
+    torch.save({"model": build_model(cfg).state_dict()}, teacher_weights)
+    rows = [bench_model(f"{arch} {name}", p, device, repeats, opts) for name, p, opts in _variants(configs, teacher_weights)]
+    for r in rows:
+        r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
+        r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]
+    return rows, bench_export(configs[1], device, teacher_weights, workdir)
+
+
 def markdown(results):
     lines = [f"Device: {results['device']} ({results['machine']}), torch {results['torch']}, "
              f"threads {results['threads']}. Command: `{results['command']}`", "",
-             "| model | batch | train s/step | train it/s | eval s/img | eval img/s | params |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | batch | train s/step | train vs float | eval s/img | eval vs float | peak train MB | params |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["models"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['train_step_s']:.3f} | {r['train_iter_per_s']:.2f} | "
-                     f"{r['eval_latency_s']:.4f} | {r['eval_images_per_s']:.1f} | {r['parameters'] / 1e6:.2f}M |")
+        peak = "n/a (CPU)" if r["peak_train_memory_mb"] is None else f"{r['peak_train_memory_mb']:.0f}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['train_step_s']:.3f} | {r['train_ratio']:.2f}x | "
+                     f"{r['eval_latency_s']:.4f} | {r['eval_ratio']:.2f}x | {peak} | {r['parameters'] / 1e6:.2f}M |")
+    lines += ["", "| W4A4A4 export | float checkpoint | packed export | ratio |", "|---|---|---|---|"]
+    for arch, e in results["export"].items():
+        lines.append(f"| {arch} | {e['float_checkpoint_bytes'] / 2**20:.2f} MB | {e['export_bytes'] / 2**20:.2f} MB | "
+                     f"{e['ratio']:.3f} |")
     d = results["deform_attn"]
-    lines += ["", "| deformable attention | grid_sample | naive loop | speed-up |", "|---|---|---|---|",
+    lines += ["", "| deformable attention | grid_sample | explicit bilinear reference | speed-up |", "|---|---|---|---|",
               f"| B={d['batch']}, Q={d['queries']}, levels {d['shapes']} | {d['grid_sample_s'] * 1e3:.2f} ms | "
               f"{d['naive_loop_s'] * 1e3:.1f} ms | {d['speedup']:.0f}x |"]
     return "\n".join(lines)
@@ -129,8 +192,13 @@ def main():
     results = {"device": args.device, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
-               "models": [bench_model(n, p, args.device, repeats) for n, p in CONFIGS.items()],
-               "deform_attn": bench_deform_attn(args.device, args.quick)}
+               "models": [], "export": {}}
+    with tempfile.TemporaryDirectory() as workdir:
+        for arch, configs in CONFIGS.items():
+            rows, export = bench_architecture(arch, configs, args.device, repeats, workdir)
+            results["models"] += rows
+            results["export"][arch] = export
+    results["deform_attn"] = bench_deform_attn(args.device, args.quick)
     if args.device == "cuda":
         results["machine"] = torch.cuda.get_device_name()
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
