@@ -12,13 +12,19 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _versions(tensors):
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 class _QuantWeightMixin:
     """
     Fake-quantized weight, computed once per forward in training and cached in inference.
 
     The cache is keyed on the storage and version counter of the weight and of every
     parameter and buffer of the weight quantizer: an optimizer step, a state-dict load or a
-    device move changes one of them and invalidates it.
+    device move changes one of them and invalidates it. The tensors themselves are listed
+    once per cache entry (walking the quantizer's parameters on every call costs more than
+    the quantization of small layers saves).
     """
 
     def _quantized_weight(self) -> torch.Tensor:
@@ -26,16 +32,13 @@ class _QuantWeightMixin:
             self._weight_cache = None
             return self.weight_quantizer(self.weight)
         cache = self._weight_cache
-        if cache is None or cache[0] != self._weight_key():
+        if cache is None or cache[1] != _versions(cache[0]):
             with torch.no_grad():
                 weight = self.weight_quantizer(self.weight)
             # Keyed after quantizing: the first call may initialise the quantizer.
-            cache = self._weight_cache = (self._weight_key(), weight)
-        return cache[1]
-
-    def _weight_key(self):
-        tensors = [self.weight, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers()]
-        return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+            tensors = (self.weight, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers())
+            cache = self._weight_cache = (tensors, _versions(tensors), weight)
+        return cache[2]
 
     def train(self, mode: bool = True):
         # Frees the cached copy while training.

@@ -362,8 +362,14 @@ class LSQQuantizer(QuantizerBase):
         self.scale.copy_((2 * spread / math.sqrt(self.qmax)).clamp_min(self.eps))
 
     def _fake_quantize(self, x):
-        grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.qmax)
         offset = None if self.offset is None else self._view(self.offset, x)
+        if not torch.is_grad_enabled():
+            # Inference: the same arithmetic without the autograd.Function's per-call overhead,
+            # which dominates on the many small activations of a detector.
+            s = self._view(self.scale, x).clamp_min(self.eps)
+            out = _scaled(x, s, offset).round_().clamp_(self.qmin, self.qmax).mul_(s)
+            return out if offset is None else out.add_(offset)
+        grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.qmax)
         return _LSQFunction.apply(
             x, self._view(self.scale, x), offset, self.qmin, self.qmax, grad_factor, self.eps
         )
