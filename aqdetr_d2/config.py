@@ -3,6 +3,7 @@ import difflib
 import re
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .data.config import add_detr_input_config
 
@@ -104,6 +105,23 @@ def _close_keys(cfg: CN, key: str):
             yield from flatten(v, name + ".") if isinstance(v, CN) else [name]
 
     return difflib.get_close_matches(key, list(flatten(cfg)), n=3)
+
+
+def load_config(config_file: str = None, opts=(), freeze: bool = True) -> CN:
+    """Detectron2's defaults + AQ-DETR's keys + `config_file` + `KEY VALUE` overrides, for tools.
+
+    `MODEL.DEVICE` cuda falls back to cpu where CUDA is unavailable.
+    """
+    import torch
+
+    cfg = get_cfg()
+    add_aqdetr_config(cfg)
+    merge_config(cfg, config_file, opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    if freeze:
+        cfg.freeze()
+    return cfg
 
 
 def merge_config(cfg: CN, config_file: str = None, opts=()) -> CN:

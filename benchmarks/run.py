@@ -20,13 +20,11 @@ import time
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from aqdetr_d2 import add_aqdetr_config
 from aqdetr_d2.checkpoint import AQDETRCheckpointer
-from aqdetr_d2.config import merge_config
+from aqdetr_d2.config import load_config
 from aqdetr_d2.data import DetrDatasetMapper
 from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.engine import build_detr_optimizer, initialize_quantizers
@@ -44,9 +42,7 @@ CONFIGS = {
 
 
 def _cfg(path, device, opts=()):
-    cfg = get_cfg()
-    add_aqdetr_config(cfg)
-    return merge_config(cfg, os.path.join(ROOT, path), ["MODEL.DEVICE", device, *opts])
+    return load_config(os.path.join(ROOT, path), ["MODEL.DEVICE", device, *opts])
 
 
 def _timed(fn, repeats, device):

@@ -34,3 +34,11 @@ def make_cfg():
 @pytest.fixture(scope="session")
 def project_root():
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def train_net(project_root):
+    """projects/AQDETR/train_net.py imported as a module (see train_net_helpers)."""
+    from train_net_helpers import load_train_net
+
+    return load_train_net(project_root)

@@ -3,8 +3,6 @@ import copy
 import importlib.util
 import os
 
-import pytest
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
@@ -23,19 +21,6 @@ COMMON = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TR
           "INPUT.MIN_SIZE_TEST", "96", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0"]
 
 
-@pytest.fixture(scope="module")
-def train_net(project_root):
-    path = os.path.join(project_root, "projects", "AQDETR", "train_net.py")
-    spec = importlib.util.spec_from_file_location("aqdetr_train_net", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if SMALL_VAL not in DatasetCatalog.list():
-        DatasetCatalog.register(SMALL_VAL, lambda: copy.deepcopy(DatasetCatalog.get("shapes_val")[:40]))
-        MetadataCatalog.get(SMALL_VAL).set(thing_classes=MetadataCatalog.get("shapes_val").thing_classes,
-                                           evaluator_type="coco")
-    return module
-
-
 def _run(train_net, config, output_dir, *extra, flags=()):
     args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(os.path.dirname(train_net.__file__), "..", "..", "configs", "shapes", config),
@@ -46,3 +31,16 @@ def _run(train_net, config, output_dir, *extra, flags=()):
 def _log(output_dir):
     with open(os.path.join(output_dir, "log.txt")) as f:
         return f.read()
+
+
+def load_train_net(project_root):
+    """projects/AQDETR/train_net.py as a module, with a small validation split registered."""
+    path = os.path.join(project_root, "projects", "AQDETR", "train_net.py")
+    spec = importlib.util.spec_from_file_location("aqdetr_train_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if SMALL_VAL not in DatasetCatalog.list():
+        DatasetCatalog.register(SMALL_VAL, lambda: copy.deepcopy(DatasetCatalog.get("shapes_val")[:40]))
+        MetadataCatalog.get(SMALL_VAL).set(thing_classes=MetadataCatalog.get("shapes_val").thing_classes,
+                                           evaluator_type="coco")
+    return module

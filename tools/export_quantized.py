@@ -22,27 +22,15 @@ from collections import defaultdict
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from aqdetr_d2 import add_aqdetr_config
-from aqdetr_d2.config import merge_config
+from aqdetr_d2.config import load_config
 from aqdetr_d2.engine import AQDETRCheckpointer, initialize_quantizers
 from aqdetr_d2.quant import QuantizerBase
 from aqdetr_d2.quant.export import export_quantized
 
 MB = 2**20
-
-
-def setup(config_file, opts):
-    cfg = get_cfg()
-    add_aqdetr_config(cfg)
-    merge_config(cfg, config_file, opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
 
 
 def float_state_dict(model):
@@ -96,7 +84,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (e.g. MODEL.WEIGHTS)")
     args = parser.parse_args(argv)
 
-    cfg = setup(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts)
     q = cfg.MODEL.QUANT
     if not q.ENABLED:
         sys.exit("error: MODEL.QUANT.ENABLED is False, so the model has no integer weights to export. "

@@ -16,23 +16,11 @@ import logging
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from aqdetr_d2 import add_aqdetr_config
-from aqdetr_d2.config import merge_config
+from aqdetr_d2.config import load_config
 from aqdetr_d2.modeling.quantization import LAYOUTS
 from aqdetr_d2.quant.report import model_report
-
-
-def setup(config_file, opts):
-    cfg = get_cfg()
-    add_aqdetr_config(cfg)
-    merge_config(cfg, config_file, opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
 
 
 def report_parts(meta_architecture: str):
@@ -61,7 +49,7 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = setup(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts)
     parts = report_parts(cfg.MODEL.META_ARCHITECTURE)
     model = build_model(cfg)
     if args.load_weights and cfg.MODEL.WEIGHTS:

@@ -96,7 +96,7 @@ class QuantConfig:
         return "lsq+" if self.learnable_offset else self.quantizer
 
 
-def _matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
+def selects(names: Sequence[str], patterns: Sequence[str]) -> bool:
     """Whether a pattern matches one of `names` or one of their ancestors."""
     for name in names:
         parts = name.split(".")
@@ -137,7 +137,7 @@ def _is_point(attr: str, module: nn.Module) -> bool:
 def _check_patterns(qcfg: QuantConfig, names: List[str]):
     for field in _PATTERN_FIELDS:
         for pattern in getattr(qcfg, field):
-            if not _matches(names, [pattern]):
+            if not selects(names, [pattern]):
                 close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
                 top = sorted({n.split(".")[0] for n in names})[:10]
                 raise ValueError(
@@ -167,7 +167,7 @@ def _device_of(module: nn.Module):
 
 def _quantize_layer(module: nn.Module, names: List[str], qcfg: QuantConfig) -> nn.Module:
     weight_bits, act_bits = qcfg.weight_bits, qcfg.act_bits
-    if _matches(names, qcfg.int8_patterns):
+    if selects(names, qcfg.int8_patterns):
         weight_bits, act_bits = max(weight_bits, 8), max(act_bits, 8)
     device = module.weight.device
     w_quantizer = build_quantizer(
@@ -181,7 +181,7 @@ def _quantize_layer(module: nn.Module, names: List[str], qcfg: QuantConfig) -> n
     a_quantizer = build_quantizer(
         qcfg.act_quantizer,
         act_bits,
-        signed=not _matches(names, qcfg.unsigned_act_patterns),
+        signed=not selects(names, qcfg.unsigned_act_patterns),
         granularity="tensor",
     ).to(device)
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
@@ -190,7 +190,7 @@ def _quantize_layer(module: nn.Module, names: List[str], qcfg: QuantConfig) -> n
 
 def _quantize_point(parent: nn.Module, point: str, names: List[str], qcfg: QuantConfig) -> nn.Module:
     bits = qcfg.attn_bits
-    if _matches(names, qcfg.int8_patterns):
+    if selects(names, qcfg.int8_patterns):
         bits = max(bits, 8)
     num_heads = getattr(parent, "num_heads", None) or getattr(parent, "n_heads", None)
     if qcfg.attn_per_head and num_heads is None:
@@ -227,7 +227,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
             kind, patterns = "Conv2d", qcfg.conv_patterns
         else:
             continue
-        if not _matches(names, patterns) or _matches(names, qcfg.keep_fp_patterns):
+        if not selects(names, patterns) or selects(names, qcfg.keep_fp_patterns):
             counts[f"float {kind}"] += 1
             continue
         if kind == "attention points":

@@ -32,7 +32,6 @@ Accounting (also printed under the table):
 """
 import copy
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 
 from .attention import QUANT_POINTS
 from .calibrate import iter_quantizers
+from .convert import selects
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import QuantizerBase
 
@@ -155,16 +155,6 @@ def _num(x: float) -> str:
     return f"{x:.4g}" if abs(x) >= 1e-4 else f"{x:.1e}"
 
 
-def _selects(names: Sequence[str], patterns: Sequence[str]) -> bool:
-    for name in names:
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:i])
-            if any(fnmatchcase(prefix, p) for p in patterns):
-                return True
-    return False
-
-
 def _bits(module: Optional[nn.Module]) -> int:
     """Bit width of a quantizer (32 for an identity placeholder or a disabled quantizer)."""
     return module.bits if isinstance(module, QuantizerBase) else 32
@@ -215,7 +205,7 @@ def model_report(model: nn.Module, example_input: Union[Callable, Sequence[int],
 
     def part_of(m: nn.Module) -> str:
         for part, patterns in parts.items():
-            if _selects(names[id(m)], patterns):
+            if selects(names[id(m)], patterns):
                 return part
         return OTHER
 

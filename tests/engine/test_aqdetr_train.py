@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run, train_net  # noqa: F401  (fixture)
+from train_net_helpers import COMMON, SMALL_VAL, TINY, _run
 
 from detectron2.engine import default_argument_parser
 
@@ -17,7 +17,7 @@ NODES = {"detr_fp32.yaml": "DETR", "deformable_detr_fp32.yaml": "DEFORMABLE_DETR
 STUDENTS = {"detr_fp32.yaml": "aqdetr_w4a4.yaml", "deformable_detr_fp32.yaml": "aq_deformable_detr_w4a4.yaml"}
 
 
-def write_teacher(train_net, config, tmp_path, project_root):  # noqa: F811
+def write_teacher(train_net, config, tmp_path, project_root):
     """Train a tiny float teacher for 2 steps; returns (teacher yaml, teacher checkpoint, student opts)."""
     teacher_dir = tmp_path / "teacher"
     _run(train_net, config, teacher_dir, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()")
@@ -39,7 +39,7 @@ def _student_cfg(make_cfg, config, extra):
 
 
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
-def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, project_root, tmp_path, config):  # noqa: F811
+def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, project_root, tmp_path, config):
     _, teacher_weights, opts = write_teacher(train_net, config, tmp_path, project_root)
     cfg = _student_cfg(make_cfg, config, [*opts, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "student"),
                                           "DATASETS.TEST", f"('{SMALL_VAL}',)"])
@@ -75,7 +75,7 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, projec
     assert evaluated["bbox"]["AP"] == results["bbox"]["AP"]
 
 
-def test_two_process_ddp_distillation_keeps_quantizers_in_sync(train_net, project_root, tmp_path):  # noqa: F811
+def test_two_process_ddp_distillation_keeps_quantizers_in_sync(train_net, project_root, tmp_path):
     config = "detr_fp32.yaml"
     _, _, opts = write_teacher(train_net, config, tmp_path, project_root)
     script = os.path.join(project_root, "tests", "engine", "ddp_distill_check.py")

@@ -1,6 +1,5 @@
 """The training path learns: a small model overfits four fixed images."""
 import pytest
-import torch
 
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model

@@ -1,13 +1,11 @@
 """Quantization-aware training end to end: QAT from a float checkpoint, resume, exact re-evaluation."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run, train_net  # noqa: F401  (fixture)
+from train_net_helpers import SMALL_VAL, TINY, _log, _run
 
 QUANT = ["MODEL.QUANT.ENABLED", "True", "MODEL.QUANT.WEIGHT_BITS", "4", "MODEL.QUANT.ACT_BITS", "4",
          "MODEL.QUANT.ATTN_BITS", "4", "MODEL.QUANT.CALIB_BATCHES", "2", "MODEL.RESNETS.NORM", "FrozenBN"]
@@ -24,7 +22,7 @@ def _same_metrics(a, b):
 
 
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
-def test_qat_from_float_checkpoint_resumes_and_reevaluates_exactly(train_net, config, tmp_path):  # noqa: F811
+def test_qat_from_float_checkpoint_resumes_and_reevaluates_exactly(train_net, config, tmp_path):
     float_dir, qat_dir = tmp_path / "float", tmp_path / "qat"
     _run(train_net, config, float_dir, "SOLVER.MAX_ITER", "2", "MODEL.RESNETS.NORM", "FrozenBN")
     float_ckpt = str(float_dir / "model_final.pth")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run, train_net  # noqa: F401  (fixture)
+from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
