@@ -1,11 +1,13 @@
-"""Detectron2 backbone features with DETR's padding masks."""
+"""Detectron2 backbone features with DETR's padding masks, and a narrow ResNet for CPU models."""
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detectron2.modeling import Backbone, build_backbone
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 from detectron2.structures import ImageList
 
 
@@ -45,3 +47,25 @@ def masked_features(backbone: Backbone, images: ImageList, in_features: Sequence
         features.append(feat)
         masks.append(F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0])
     return features, masks
+
+
+@BACKBONE_REGISTRY.register()
+def build_narrow_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """ResNet-18/34 (BasicBlock) of any width: `MODEL.RESNETS.STEM_OUT_CHANNELS` and
+    `RES2_OUT_CHANNELS` set the first widths, doubled at every later stage.
+
+    Detectron2's `build_resnet_backbone` fixes R18/R34 at width 64; the CPU-sized shapes models
+    use width 32, which makes a checkpoint small enough to commit.
+    """
+    r = cfg.MODEL.RESNETS
+    blocks_per_stage = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+    if r.DEPTH not in blocks_per_stage:
+        raise ValueError(f"build_narrow_resnet_backbone supports MODEL.RESNETS.DEPTH 18 or 34, got {r.DEPTH}")
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+    stages, in_channels, out_channels = [], r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    for idx, num_blocks in enumerate(blocks_per_stage[r.DEPTH]):
+        stages.append(ResNet.make_stage(
+            block_class=BasicBlock, num_blocks=num_blocks, in_channels=in_channels, out_channels=out_channels,
+            stride_per_block=[1 if idx == 0 else 2] + [1] * (num_blocks - 1), norm=r.NORM))
+        in_channels, out_channels = out_channels, out_channels * 2
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
