@@ -4,8 +4,9 @@ An adapter turns one training forward of the student (and, in parallel mode, one
 teacher) into per-layer pairs of student / teacher tensors. In teacher-forced mode each
 teacher layer is run on the student's input to that layer, so a pair measures only that
 layer's quantization error; in parallel mode the whole teacher runs on the image.
-Only the object queries are compared: auxiliary queries, if any, follow them and are cut off.
-Teacher layers are run under `torch.no_grad()` on detached student tensors.
+Only object queries are compared: the student's outputs hold no auxiliary queries (the
+meta-architecture splits them off into "aux_query_outputs"). Teacher layers are run under
+`torch.no_grad()` on detached student tensors.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -51,10 +52,6 @@ class DETRAdapter:
     class_kind = "softmax"
 
     @staticmethod
-    def num_queries(model) -> int:
-        return model.query_embed.num_embeddings
-
-    @staticmethod
     def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
         tr = student_out["transformer"]
         valid = ~tr["mask"]
@@ -72,25 +69,23 @@ class DETRAdapter:
     @classmethod
     def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
         tr = student_out["transformer"]
-        q = cls.num_queries(teacher)
         student_preds = _layer_predictions(student_out)
         if teacher_out is not None:
             t_hidden = list(teacher_out["transformer"]["hs"])
             t_preds = _layer_predictions(teacher_out)
         else:
             inputs = [tr["tgt"]] + tr["dec_raw_states"][:-1]
-            memory, pos, query_pos = tr["memory"].detach(), tr["pos"].detach(), tr["query_pos"][:q].detach()
+            memory, pos, query_pos = tr["memory"].detach(), tr["pos"].detach(), tr["query_pos"].detach()
             t_hidden, t_preds = [], []
             with torch.no_grad():
                 for layer, x in zip(teacher.transformer.decoder.layers, inputs):
-                    raw, _, _ = layer(x[:q].detach(), memory, memory_key_padding_mask=tr["mask"], pos=pos,
+                    raw, _, _ = layer(x.detach(), memory, memory_key_padding_mask=tr["mask"], pos=pos,
                                       query_pos=query_pos)
                     hidden = teacher.transformer.decoder.norm(raw).transpose(0, 1)
                     t_hidden.append(hidden)
                     t_preds.append({"pred_logits": teacher.class_embed(hidden),
                                     "pred_boxes": teacher.bbox_embed(hidden).sigmoid()})
-        return [DecoderPair(s_h[:, :q], t_h, s_p["pred_logits"][:, :q], t_p["pred_logits"],
-                            s_p["pred_boxes"][:, :q], t_p["pred_boxes"])
+        return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
                 for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
 
 
@@ -99,11 +94,6 @@ class DeformableDETRAdapter:
 
     attention_kind = "deformable_weights"
     class_kind = "sigmoid"
-
-    @staticmethod
-    def num_queries(model) -> int:
-        det = model.detector
-        return det.transformer.two_stage_num_proposals if det.two_stage else det.query_embed.num_embeddings
 
     @staticmethod
     def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
@@ -126,7 +116,6 @@ class DeformableDETRAdapter:
     @classmethod
     def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
         tr = student_out["transformer_out"]
-        q = cls.num_queries(teacher)
         student_preds = _layer_predictions(student_out)
         if teacher_out is not None:
             if teacher.detector.two_stage:
@@ -137,24 +126,23 @@ class DeformableDETRAdapter:
             t_hidden = list(teacher_out["transformer_out"]["hs"])
             t_preds = _layer_predictions(teacher_out)
         else:
-            t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher.detector, q)
-        return [DecoderPair(s_h[:, :q], t_h, s_p["pred_logits"][:, :q], t_p["pred_logits"],
-                            s_p["pred_boxes"][:, :q], t_p["pred_boxes"])
+            t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher.detector)
+        return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
                 for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
 
 
     @staticmethod
     @torch.no_grad()
-    def _teacher_forced_decoder(tr: Dict, det, q: int):
+    def _teacher_forced_decoder(tr: Dict, det):
         """Each teacher decoder layer on the student's queries, references and memory."""
         references = [tr["init_reference"]] + list(tr["inter_references"][:-1])
         inputs = [tr["tgt"]] + list(tr["hs"][:-1])
-        memory, query_pos = tr["memory"].detach(), tr["query_pos"][:, :q].detach()
+        memory, query_pos = tr["memory"].detach(), tr["query_pos"].detach()
         t_hidden, t_preds = [], []
         for lid, layer in enumerate(det.transformer.decoder.layers):
-            reference = references[lid][:, :q].detach()
+            reference = references[lid].detach()
             ratios = tr["valid_ratios"] if reference.shape[-1] == 2 else tr["valid_ratios"].repeat(1, 1, 2)
-            hidden, _, _ = layer(inputs[lid][:, :q].detach(), query_pos, reference[:, :, None] * ratios[:, None],
+            hidden, _, _ = layer(inputs[lid].detach(), query_pos, reference[:, :, None] * ratios[:, None],
                                  memory, tr["spatial_shapes"], tr["level_start_index"], tr["mask_flatten"])
             delta = det.bbox_embed[lid](hidden)
             ref = inverse_sigmoid(reference)

@@ -75,8 +75,8 @@ class LayerDistiller(nn.Module):
         if dec_pairs:
             class_kl = CLASS_KL[self.adapter.class_kind]
             hidden, cls, box = [], [], []
-            for lid, p in enumerate(dec_pairs):
-                valid = self._decoder_valid(student, outputs, targets, lid, p)
+            for p in dec_pairs:
+                valid = self._decoder_valid(student, targets, p)
                 hidden.append(feature_mse(p.student_hidden, p.teacher_hidden, valid))
                 cls.append(class_kl(p.student_logits, p.teacher_logits, valid))
                 box.append(box_l1(p.student_boxes, p.teacher_boxes, valid))
@@ -91,12 +91,11 @@ class LayerDistiller(nn.Module):
         return any(self.weights[k] > 0 for k in ("loss_distill_dec_hidden", "loss_distill_dec_cls",
                                                  "loss_distill_dec_box"))
 
-    def _decoder_valid(self, student, outputs, targets, lid, pair):
+    def _decoder_valid(self, student, targets, pair):
         if not self.foreground_only:
             return None
-        preds = (outputs.get("aux_outputs", []) + [outputs])[lid]
-        q = pair.student_logits.shape[1]
         with torch.no_grad():
-            indices = student.criterion.matcher({"pred_logits": preds["pred_logits"][:, :q],
-                                                 "pred_boxes": preds["pred_boxes"][:, :q]}, targets)
-        return foreground_mask(indices, pair.student_logits.shape[0], q, pair.student_logits.device)
+            indices = student.criterion.matcher({"pred_logits": pair.student_logits,
+                                                 "pred_boxes": pair.student_boxes}, targets)
+        batch, num_queries = pair.student_logits.shape[:2]
+        return foreground_mask(indices, batch, num_queries, pair.student_logits.device)

@@ -43,7 +43,9 @@ def test_qat_from_float_checkpoint_resumes_and_reevaluates_exactly(train_net, co
     assert _same_metrics(evaluated["bbox"], results["bbox"])
 
     _run(train_net, config, qat_dir, "SOLVER.MAX_ITER", "5", "MODEL.WEIGHTS", float_ckpt, *QUANT, flags=["--resume"])
-    assert "Starting training from iteration 3" in _log(qat_dir)
+    log = _log(qat_dir)
+    assert "Starting training from iteration 3" in log
+    assert log.count("Initialised") == 1, "resuming must restore step sizes, not calibrate again"
 
 
 def test_quantized_eval_is_bit_identical_at_32_bits(make_cfg):
