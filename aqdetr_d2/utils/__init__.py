@@ -1,0 +1,1 @@
+"""Helpers outside the model: pictures (`visualization`)."""
