@@ -3,7 +3,7 @@
 
     # predictions beside the ground truth, first 4 images of the dataset (a grid, one row per image)
     python tools/visualize.py predictions --config-file configs/shapes/detr_lsq_w4a4.yaml \\
-        --output out/predictions.png MODEL.WEIGHTS output/shapes/detr_w4a4/model_final.pth
+        --output out/predictions.png MODEL.WEIGHTS output/shapes/detr_lsq_w4a4/model_final.pth
     # attention of the float teacher and the quantized student, side by side, for one image
     python tools/visualize.py attention --config-file configs/shapes/aqdetr_w4a4.yaml \\
         --teacher-config configs/shapes/detr_fp32.yaml --teacher-weights output/shapes/detr_fp32/model_final.pth \\
