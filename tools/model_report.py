@@ -19,16 +19,8 @@ import torch
 from detectron2.modeling import build_model
 
 from aqdetr_d2.config import load_config
-from aqdetr_d2.modeling.quantization import LAYOUTS
+from aqdetr_d2.modeling.quantization import report_parts
 from aqdetr_d2.quant.report import model_report
-
-
-def report_parts(meta_architecture: str):
-    """Report parts (backbone / encoder / decoder / heads) of a meta-architecture, from its layout."""
-    if meta_architecture not in LAYOUTS:
-        raise SystemExit(f"error: no part layout for MODEL.META_ARCHITECTURE {meta_architecture!r}; "
-                         f"known: {sorted(LAYOUTS)}")
-    return {name.lower(): list(patterns) for name, patterns in LAYOUTS[meta_architecture].parts.items()}
 
 
 def describe_quant(cfg) -> str:

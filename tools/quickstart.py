@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""The AQ-DETR ablation in miniature on the built-in shapes dataset, on a CPU.
+
+    python tools/quickstart.py [--arch deformable|detr] [--iters 400] [--bits 4]
+
+1. the full-precision teacher: the committed checkpoint `docs/quickstart/<arch>_teacher.pth`
+   if present (made by `--train-teacher`, its log beside it), else trained here;
+2. from the teacher, for the same number of iterations each: LSQ (no auxiliary queries, no
+   distillation), + auxiliary queries, + distillation, and full AQ-DETR;
+3. every run evaluated by Detectron2's COCO evaluator on `shapes_val` (1000 images);
+   `results.md`, `results.json` and `ablation.png` written to `--output`, the table printed.
+
+Every stage is a `projects/AQDETR/train_net.py` run (Detectron2's ETA lines show progress).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
+ARCHS = {
+    "deformable": {"teacher": "configs/shapes/deformable_detr_fp32.yaml", "student": "configs/shapes/aq_deformable_detr_w{b}a{b}.yaml"},
+    "detr": {"teacher": "configs/shapes/detr_fp32.yaml", "student": "configs/shapes/aqdetr_w{b}a{b}.yaml"},
+}
+# A half-width ResNet-18 keeps the teacher's checkpoint small enough to commit (~17 MB);
+# teacher and students share it.
+BACKBONE_OPTS = ["MODEL.BACKBONE.NAME", "build_narrow_resnet_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
+                 "MODEL.RESNETS.RES2_OUT_CHANNELS", "32"]
+TEACHER_SCHEDULE = ["SOLVER.MAX_ITER", "3500", "SOLVER.STEPS", "(3000,)", "TEST.EVAL_PERIOD", "700",
+                    "SOLVER.CHECKPOINT_PERIOD", "700"]
+# Ablation rows: name -> (auxiliary queries, distillation).
+VARIANTS = {"LSQ": (False, False), "LSQ + aux queries": (True, False), "LSQ + distillation": (False, True),
+            "AQ-DETR (aux queries + distillation)": (True, True)}
+
+
+def stage(message: str):
+    print(f"[quickstart {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
+    """Run train_net.py; its output goes to the terminal and `log_path`. Returns seconds taken."""
+    cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(ROOT, config), *opts, "OUTPUT_DIR", output_dir]
+    start = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for line in proc.stdout:
+            log.write(line)
+            if "eta:" in line or "copypaste" in line or "Error" in line:
+                sys.stdout.write(line)
+        if proc.wait() != 0:
+            raise SystemExit(f"train_net failed ({config}); see {log_path}")
+    return time.time() - start
+
+
+def final_metrics(output_dir: str):
+    """The last COCO evaluation logged in Detectron2's metrics.json."""
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f if '"bbox/AP"' in line]
+    if not rows:
+        raise SystemExit(f"no evaluation in {output_dir}/metrics.json")
+    return {k.split("/", 1)[1]: v for k, v in rows[-1].items() if k.startswith("bbox/") and "-" not in k}
+
+
+def check_teacher(path: str):
+    """Refuse a corrupt teacher before an hour of training depends on it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unreadable file is the same problem to the user)
+        raise SystemExit(f"teacher checkpoint {path} cannot be read ({e}); delete it to retrain with "
+                         "`python tools/quickstart.py --train-teacher`") from e
+    if "model" not in state or not any(k.startswith("backbone.") for k in state["model"]):
+        raise SystemExit(f"teacher checkpoint {path} is not a detector checkpoint; delete it to retrain")
+
+
+def write_teacher_config(arch: str, opts, path: str) -> str:
+    """The teacher's full config as one YAML file: train_net trains it, the distiller rebuilds it."""
+    from aqdetr_d2.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, ARCHS[arch]["teacher"]), opts, freeze=False)
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+    return path
+
+
+def check_dataset_dir():
+    root = os.getenv("DETECTRON2_DATASETS", "datasets")
+    os.makedirs(root, exist_ok=True)
+    if not os.access(root, os.W_OK) and not os.path.isdir(os.path.join(root, "shapes")):
+        raise SystemExit(f"dataset directory {root} is not writable: set DETECTRON2_DATASETS to a writable folder")
+
+
+def size_and_ops(config: str, opts):
+    """Q-DETR-accounting model size (MB) and GOPs of the student at one 128x128 image."""
+    from detectron2.modeling import build_model
+
+    from aqdetr_d2.config import load_config
+    from aqdetr_d2.modeling.quantization import report_parts
+    from aqdetr_d2.quant.report import model_report
+
+    cfg = load_config(os.path.join(ROOT, config), [*opts, "MODEL.DEVICE", "cpu", "MODEL.DISTILL.ENABLED", "False"])
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 128, 128), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    report = model_report(model, lambda: [{"image": image, "height": 128, "width": 128}],
+                          report_parts(cfg.MODEL.META_ARCHITECTURE))
+    total = report.as_dict()["total"]
+    return total["size_mb"], total["ops"] / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="deformable")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4), help="W/A/attention bits")
+    parser.add_argument("--iters", type=int, default=400, help="fine-tuning iterations per variant")
+    parser.add_argument("--output", default=os.path.join(ROOT, "output", "quickstart"))
+    parser.add_argument("--train-teacher", action="store_true", help="train the teacher even if one is committed")
+    parser.add_argument("--teacher-iters", type=int, default=None, help="override the teacher's 3500 iterations")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
+    args = parser.parse_args()
+
+    check_dataset_dir()
+    os.makedirs(args.output, exist_ok=True)
+    arch = ARCHS[args.arch]
+    committed = os.path.join(ROOT, "docs", "quickstart", f"{args.arch}_teacher")
+    teacher, teacher_cfg = committed + ".pth", committed + ".yaml"
+    if args.train_teacher or not os.path.exists(teacher):
+        schedule = TEACHER_SCHEDULE + (["SOLVER.MAX_ITER", str(args.teacher_iters)] if args.teacher_iters else [])
+        teacher_cfg = write_teacher_config(args.arch, BACKBONE_OPTS + schedule + args.opts,
+                                           os.path.join(args.output, "teacher_config.yaml"))
+        teacher_dir = os.path.join(args.output, "teacher")
+        stage(f"training the full-precision teacher ({arch['teacher']})")
+        train_net(os.path.relpath(teacher_cfg, ROOT), teacher_dir, [], os.path.join(args.output, "teacher.log"))
+        teacher = os.path.join(teacher_dir, "model_final.pth")
+    check_teacher(teacher)
+    stage(f"teacher: {teacher}")
+
+    student_cfg = arch["student"].format(b=args.bits)
+    common = BACKBONE_OPTS + ["MODEL.WEIGHTS", teacher, "MODEL.DISTILL.TEACHER_WEIGHTS", teacher,
+                              "MODEL.DISTILL.TEACHER_CONFIG", teacher_cfg,
+                              "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
+                              "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", str(args.iters)] + args.opts
+    rows = []
+    for name, (aux, distill) in VARIANTS.items():
+        run_dir = os.path.join(args.output, name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower())
+        opts = common + ["MODEL.AUX_QUERIES.ENABLED", str(aux), "MODEL.DISTILL.ENABLED", str(distill)]
+        stage(f"{name}: {args.iters} iterations of W{args.bits}A{args.bits}A{args.bits} from the teacher")
+        seconds = train_net(student_cfg, run_dir, opts, run_dir + ".log")
+        size_mb, gops = size_and_ops(student_cfg, opts)
+        rows.append({"name": name, **final_metrics(run_dir), "size_mb": size_mb, "gops": gops,
+                     "train_minutes": seconds / 60, "output_dir": run_dir})
+        stage(f"{name}: AP {rows[-1]['AP']:.1f}")
+
+    write_results(args, rows)
+
+
+def write_results(args, rows):
+    from aqdetr_d2.utils.visualization import ablation_bar_chart
+
+    header = "| run | AP | AP50 | AP75 | APs | APm | APl | size (MB) | GOPs | train (min) |"
+    lines = [f"Command: `python tools/quickstart.py {' '.join(sys.argv[1:])}`", "", header,
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+                     + f" | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.output, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    ablation_bar_chart(rows, "AP", os.path.join(args.output, "ablation.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
