@@ -7,7 +7,8 @@
    if present (made by `--train-teacher`, its log beside it), else trained here;
 2. from the teacher, for the same number of iterations each: LSQ (no auxiliary queries, no
    distillation), + auxiliary queries, + distillation, and full AQ-DETR;
-3. every run evaluated by Detectron2's COCO evaluator on `shapes_val` (1000 images);
+3. every run evaluated by Detectron2's COCO evaluator on `shapes_val` (1000 images), beside
+   the teacher itself and post-training quantization of it (min-max, no training);
    `results.md`, `results.json` and `ablation.png` written to `--output`, the table printed.
 
 Every stage is a `projects/AQDETR/train_net.py` run (Detectron2's ETA lines show progress).
@@ -57,6 +58,16 @@ def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
         if proc.wait() != 0:
             raise SystemExit(f"train_net failed ({config}); see {log_path}")
     return time.time() - start
+
+
+def evaluated_metrics(log_path: str):
+    """The COCO box metrics an `--eval-only` run printed (Detectron2's "copypaste" lines)."""
+    with open(log_path) as f:
+        lines = [line.split("copypaste: ", 1)[1].strip() for line in f if "copypaste: " in line]
+    for header, values in zip(lines, lines[1:]):
+        if header.startswith("AP,AP50"):
+            return dict(zip(header.split(","), (float(v) for v in values.split(","))))
+    raise SystemExit(f"no COCO evaluation in {log_path}")
 
 
 def final_metrics(output_dir: str):
@@ -146,6 +157,19 @@ def main():
                               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
                               "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", str(args.iters)] + args.opts
     rows = []
+    for name, config, opts in [
+        ("full precision (teacher)", os.path.relpath(teacher_cfg, ROOT), ["MODEL.WEIGHTS", teacher]),
+        (f"PTQ min-max W{args.bits}A{args.bits}A{args.bits} (no training)", student_cfg,
+         common + ["MODEL.QUANT.QUANTIZER", "minmax", "MODEL.QUANT.CALIB_BATCHES", "8",
+                   "MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]),
+    ]:
+        run_dir = os.path.join(args.output, "teacher_eval" if config == os.path.relpath(teacher_cfg, ROOT) else "ptq")
+        stage(f"{name}: evaluating")
+        seconds = train_net(config, run_dir, ["--eval-only", *opts, *args.opts], run_dir + ".log")
+        size_mb, gops = size_and_ops(config, opts + args.opts)
+        rows.append({"name": name, **evaluated_metrics(run_dir + ".log"), "size_mb": size_mb, "gops": gops,
+                     "train_minutes": 0.0, "eval_minutes": seconds / 60, "output_dir": run_dir})
+        stage(f"{name}: AP {rows[-1]['AP']:.1f}")
     for name, (aux, distill) in VARIANTS.items():
         run_dir = os.path.join(args.output, name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower())
         opts = common + ["MODEL.AUX_QUERIES.ENABLED", str(aux), "MODEL.DISTILL.ENABLED", str(distill)]

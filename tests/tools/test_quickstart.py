@@ -65,3 +65,15 @@ def test_results_files(quickstart, tmp_path, capsys):
     image = Image.open(tmp_path / "ablation.png")
     assert image.size[0] > 200 and image.size[1] > 150
     assert "| AQ-DETR | 45.0 |" in capsys.readouterr().out
+
+
+def test_evaluated_metrics_reads_the_copypaste_lines(quickstart, tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("[d2.evaluation.testing]: copypaste: Task: bbox\n"
+                   "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
+                   "[d2.evaluation.testing]: copypaste: 73.3066,93.4934,84.9689,72.3022,77.2350,nan\n")
+    metrics = quickstart.evaluated_metrics(str(log))
+    assert metrics["AP"] == 73.3066 and metrics["APm"] == 77.235 and metrics["APl"] != metrics["APl"]
+    log.write_text("nothing evaluated\n")
+    with pytest.raises(SystemExit, match="no COCO evaluation"):
+        quickstart.evaluated_metrics(str(log))
