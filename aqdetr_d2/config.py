@@ -44,8 +44,8 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE = False  # iterative bounding-box refinement
     cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE = False  # two-stage: queries selected from encoder output
     cfg.MODEL.DEFORMABLE_DETR.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha
-    cfg.MODEL.DEFORMABLE_DETR.CLASS_WEIGHT = 2.0
-    cfg.MODEL.DEFORMABLE_DETR.COST_CLASS = 2.0
+    cfg.MODEL.DEFORMABLE_DETR.CLASS_WEIGHT = 2.0  # focal classification loss weight (Deformable-DETR: 2)
+    cfg.MODEL.DEFORMABLE_DETR.COST_CLASS = 2.0  # Hungarian matching: focal class cost weight
     cfg.MODEL.DEFORMABLE_DETR.TOPK_TEST = 100  # detections kept per image at inference
 
     cfg.MODEL.QUANT = CN()
@@ -88,11 +88,11 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1  # sampling-offset / reference-point layers lr factor
     # Parameters whose name contains one of these get no weight decay (quantizer steps never do).
     cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed"]
-    # Detectron2's CLIP_GRADIENTS also accepts CLIP_TYPE "full_model": one norm over all params.
-    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
-    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # Detectron2's CLIP_GRADIENTS keys, with DETR's defaults and one more CLIP_TYPE.
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True  # clip gradients before every optimizer step
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # one norm over all parameters ("value"/"norm": per parameter)
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1  # maximum gradient norm
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0  # p of the p-norm
 
     add_detr_input_config(cfg)
     cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts
