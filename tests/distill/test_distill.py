@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -33,8 +34,8 @@ def teacher_files(tmp_path, make_cfg, project_root):
     def make(arch, *extra):
         config, node = ARCHS[arch]
         overrides = {**_tiny(node), **dict(zip(extra[::2], extra[1::2]))}
-        yaml = tmp_path / f"teacher_{arch}.yaml"
-        yaml.write_text(_nested_yaml(overrides, os.path.join(project_root, "configs", config)))
+        yaml_path = tmp_path / f"teacher_{arch}.yaml"
+        yaml_path.write_text(_nested_yaml(overrides, os.path.join(project_root, "configs", config)))
         teacher = build_model(make_cfg(config, *_opts(overrides)))
         with torch.no_grad():
             # Zero-initialised box-head layers would make every box term vanish trivially.
@@ -42,30 +43,20 @@ def teacher_files(tmp_path, make_cfg, project_root):
                 if p.dim() > 1 and not p.any():
                     p.normal_(0, 0.05)
         DetectionCheckpointer(teacher, str(tmp_path)).save(f"teacher_{arch}")
-        return str(yaml), str(tmp_path / f"teacher_{arch}.pth"), overrides, teacher
+        return str(yaml_path), str(tmp_path / f"teacher_{arch}.pth"), overrides, teacher
     return make
 
 
 def _nested_yaml(overrides, base):
+    """A config file: `_BASE_` plus dotted KEY VALUE overrides as nested YAML."""
     tree = {}
     for key, value in overrides.items():
+        *parents, leaf = key.split(".")
         node = tree
-        parts = key.split(".")
-        for p in parts[:-1]:
+        for p in parents:
             node = node.setdefault(p, {})
-        node[parts[-1]] = value
-
-    def dump(node, indent=0):
-        out = []
-        for k, v in node.items():
-            if isinstance(v, dict):
-                out.append(" " * indent + f"{k}:")
-                out.extend(dump(v, indent + 2))
-            else:
-                out.append(" " * indent + f"{k}: {v}")
-        return out
-
-    return "\n".join([f'_BASE_: "{base}"'] + dump(tree)) + "\n"
+        node[leaf] = value
+    return yaml.safe_dump({"_BASE_": base, **tree})
 
 
 def _student(make_cfg, arch, yaml, weights, *extra, overrides=None):

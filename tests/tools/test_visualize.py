@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -44,18 +45,6 @@ def _overrides(arch):
     return {"MODEL": model, "INPUT": INPUT, "SOLVER": {"IMS_PER_BATCH": 2}}
 
 
-def _yaml(node, indent=0):
-    lines = []
-    for key, value in node.items():
-        if isinstance(value, dict):
-            lines.append(" " * indent + f"{key}:")
-            lines.append(_yaml(value, indent + 2))
-        else:
-            lines.append(" " * indent + f"{key}: {value!r}" if isinstance(value, str) else
-                         " " * indent + f"{key}: {value}")
-    return "\n".join(lines)
-
-
 @pytest.fixture(scope="module")
 def visualize(project_root):
     path = os.path.join(project_root, "tools", "visualize.py")
@@ -80,7 +69,7 @@ def tiny(tmp_path_factory, project_root):
         model = build_model(load_config(base, opts))
         DetectionCheckpointer(model, str(root)).save(f"{arch}_fp32")
         teacher_yaml = root / f"{arch}_teacher.yaml"
-        teacher_yaml.write_text(f"_BASE_: {base!r}\n" + _yaml(_overrides(arch)) + "\n")
+        teacher_yaml.write_text(yaml.safe_dump({"_BASE_": base, **_overrides(arch)}))
         weights = str(root / f"{arch}_fp32.pth")
         student = ["--config-file", base]
         student_opts = opts + ["MODEL.WEIGHTS", weights, "MODEL.QUANT.ENABLED", "True",
