@@ -14,7 +14,6 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from ..layers.box_ops import inverse_sigmoid
 
 
 @dataclass
@@ -144,11 +143,9 @@ class DeformableDETRAdapter:
             ratios = tr["valid_ratios"] if reference.shape[-1] == 2 else tr["valid_ratios"].repeat(1, 1, 2)
             hidden, _, _ = layer(inputs[lid].detach(), query_pos, reference[:, :, None] * ratios[:, None],
                                  memory, tr["spatial_shapes"], tr["level_start_index"], tr["mask_flatten"])
-            delta = det.bbox_embed[lid](hidden)
-            ref = inverse_sigmoid(reference)
-            coord = delta + ref if ref.shape[-1] == 4 else torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            logits, boxes = det.layer_predictions(lid, hidden, reference)
             t_hidden.append(hidden)
-            t_preds.append({"pred_logits": det.class_embed[lid](hidden), "pred_boxes": coord.sigmoid()})
+            t_preds.append({"pred_logits": logits, "pred_boxes": boxes})
         return t_hidden, t_preds
 
 

@@ -126,6 +126,17 @@ class DeformableDETR(nn.Module):
             extra_pos.append(self.position_embedding(mask).to(src.dtype))
         return extra_srcs, extra_masks, extra_pos
 
+    def layer_predictions(self, lvl: int, hidden: Tensor, reference: Tensor):
+        """Class logits (B, Q, K) and boxes (B, Q, 4) of decoder layer `lvl`: hidden (B, Q, C),
+        reference (B, Q, 2 or 4) normalized, the layer's input reference points."""
+        reference = inverse_sigmoid(reference)
+        delta = self.bbox_embed[lvl](hidden)
+        if reference.shape[-1] == 4:
+            coord = delta + reference
+        else:
+            coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        return self.class_embed[lvl](hidden), coord.sigmoid()
+
     def forward(self, features: List[Tensor], masks: List[Tensor], pos: List[Tensor],
                 self_attn_mask: Optional[Tensor] = None, query_embeds: Optional[Tensor] = None,
                 num_aux_proposals: int = 0) -> Dict[str, Any]:
@@ -168,14 +179,9 @@ class DeformableDETR(nn.Module):
         outputs_classes, outputs_coords = [], []
         for lvl in range(hs.shape[0]):
             reference = out["init_reference"] if lvl == 0 else out["inter_references"][lvl - 1]
-            reference = inverse_sigmoid(reference)
-            delta = self.bbox_embed[lvl](hs[lvl])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_classes.append(self.class_embed[lvl](hs[lvl]))
-            outputs_coords.append(coord.sigmoid())
+            logits, boxes = self.layer_predictions(lvl, hs[lvl], reference)
+            outputs_classes.append(logits)
+            outputs_coords.append(boxes)
 
         result = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
         if self.aux_loss:
