@@ -11,6 +11,8 @@ import torchvision
 
 from detectron2.modeling import build_model
 
+from detection_targets import random_targets
+
 from aqdetr_d2.checkpoint import convert_official_state_dict
 
 
@@ -107,16 +109,6 @@ def test_aqdetr_matches_original_detr(original_detr_module, make_cfg, depth, pre
         torch.testing.assert_close(o["pred_boxes"], r["pred_boxes"], atol=1e-4, rtol=0)
 
 
-def _random_targets(gen, sizes, num_classes):
-    targets = []
-    for n in sizes:
-        xy = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
-        wh = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=gen),
-                        "boxes": torch.cat([xy, wh], dim=1)})
-    return targets
-
-
 def test_criterion_matches_original_detr(original_detr_module):
     """Our weighted losses equal the original SetCriterion's, deep supervision and an empty image included."""
     from models.detr import SetCriterion as OriginalCriterion
@@ -126,7 +118,7 @@ def test_criterion_matches_original_detr(original_detr_module):
     from aqdetr_d2.modeling.matcher import HungarianMatcher
 
     num_classes, gen = 6, torch.Generator().manual_seed(3)
-    targets = _random_targets(gen, [3, 0, 5], num_classes)
+    targets = random_targets(gen, [3, 0, 5], num_classes)
 
     def outputs():
         return {"pred_logits": torch.randn(3, 9, num_classes + 1, generator=gen),

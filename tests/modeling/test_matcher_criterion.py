@@ -4,19 +4,11 @@ import itertools
 import pytest
 import torch
 
+from detection_targets import random_targets
+
 from aqdetr_d2.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from aqdetr_d2.modeling.criterion import SetCriterion
 from aqdetr_d2.modeling.matcher import HungarianMatcher
-
-
-def _targets(gen, sizes, num_classes):
-    out = []
-    for n in sizes:
-        xy = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
-        wh = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
-        out.append({"labels": torch.randint(0, num_classes, (n,), generator=gen),
-                    "boxes": torch.cat([xy, wh], 1)})
-    return out
 
 
 def _outputs(gen, batch, queries, classes):
@@ -27,7 +19,7 @@ def _outputs(gen, batch, queries, classes):
 @pytest.mark.parametrize("focal", [False, True])
 def test_batched_matching_equals_per_image(focal):
     gen = torch.Generator().manual_seed(0)
-    targets = _targets(gen, [4, 0, 7, 1], 5)
+    targets = random_targets(gen, [4, 0, 7, 1], 5)
     outputs = _outputs(gen, 4, 10, 5 if focal else 6)
     matcher = HungarianMatcher(2, 5, 2, focal=focal)
     batched = matcher(outputs, targets)
@@ -39,7 +31,7 @@ def test_batched_matching_equals_per_image(focal):
 
 def test_matching_is_optimal_against_brute_force():
     gen = torch.Generator().manual_seed(1)
-    target = _targets(gen, [3], 4)[0]
+    target = random_targets(gen, [3], 4)[0]
     outputs = _outputs(gen, 1, 5, 5)
     matcher = HungarianMatcher(1, 5, 2)
     rows, cols = matcher(outputs, [target])[0]
@@ -75,7 +67,7 @@ def test_empty_targets_give_finite_losses(focal):
 
 def test_two_stage_proposals_are_class_agnostic():
     gen = torch.Generator().manual_seed(4)
-    targets = _targets(gen, [2], 4)
+    targets = random_targets(gen, [2], 4)
     outputs = _outputs(gen, 1, 5, 4)
     outputs["enc_outputs"] = _outputs(gen, 1, 5, 4)
     losses = SetCriterion(4, HungarianMatcher(2, 5, 2, focal=True), focal=True)(outputs, targets)
