@@ -3,7 +3,9 @@ the attention map read for distillation.
 
 Quantization points are `nn.Identity` placeholders (`q_quant`, `k_quant`, `v_quant`,
 `attn_quant`) that `aqdetr_d2.quant.quantize_model` swaps for quantizers; in a float
-model they cost nothing.
+model they cost nothing. The map returned beside the output is the softmax before
+`attn_quant`: a low-bit map holds exact zeros where the teacher's has mass, so a KL to it
+is unbounded and, through the straight-through estimator, so is its gradient.
 """
 import torch
 import torch.nn.functional as F
@@ -66,7 +68,7 @@ class MultiheadAttention(nn.Module):
             key_padding_mask: (B, S) bool, True where the key is padding.
             attn_mask: (L, S) or (B * H, L, S) bool (True = blocked) or additive float.
         Returns:
-            output (L, B, C) and the attention map (B, H, L, S) after softmax.
+            output (L, B, C) and the attention probabilities (B, H, L, S), before `attn_quant`.
         """
         length, batch, _ = query.shape
         q = self.q_quant(self._split_heads(self.q_proj(query) * self.scaling))
@@ -82,7 +84,7 @@ class MultiheadAttention(nn.Module):
                 scores = scores + attn_mask
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        attn = self.attn_quant(F.softmax(scores, dim=-1))
-        out = self.attn_drop(attn) @ v  # (B, H, L, d)
+        probs = F.softmax(scores, dim=-1)
+        out = self.attn_drop(self.attn_quant(probs)) @ v  # (B, H, L, d)
         out = out.permute(2, 0, 1, 3).reshape(length, batch, self.embed_dim)
-        return self.out_proj(out), attn
+        return self.out_proj(out), probs

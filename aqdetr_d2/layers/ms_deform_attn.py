@@ -9,7 +9,9 @@ weighted samples summed, so the extra memory at any time is one level's samples
 Quantization points are `nn.Identity` placeholders that `aqdetr_d2.quant` swaps for
 quantizers: `value_quant` (the projected values) and `attn_weight_quant` (the softmaxed
 attention weights). Sampling locations stay full precision: sub-pixel positions are what
-deformable attention learns, and rounding them would move every sample.
+deformable attention learns, and rounding them would move every sample. The weights returned
+beside the output are taken before `attn_weight_quant`, for the same reason as in
+`aqdetr_d2.layers.attention`: a KL to low-bit weights with exact zeros is unbounded.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -155,7 +157,7 @@ class MSDeformAttn(nn.Module):
             input_padding_mask: (B, S) bool, True on padding, or None.
         Returns:
             output (B, Lq, C) and the attention weights (B, Lq, n_heads, n_levels, n_points)
-            after softmax and `attn_weight_quant`.
+            after softmax, before `attn_weight_quant`.
         """
         batch, len_q, _ = query.shape
         _, len_in, _ = input_flatten.shape
@@ -178,8 +180,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(
             batch, len_q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(batch, len_q, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1).view(batch, len_q, self.n_heads, self.n_levels, self.n_points)
-        weights = self.attn_weight_quant(weights)
+        probs = F.softmax(weights, -1).view(batch, len_q, self.n_heads, self.n_levels, self.n_points)
 
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W_l, H_l).
@@ -189,5 +190,5 @@ class MSDeformAttn(nn.Module):
         else:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        output = ms_deform_attn(value, shapes, locations, weights)
-        return self.output_proj(output), weights
+        output = ms_deform_attn(value, shapes, locations, self.attn_weight_quant(probs))
+        return self.output_proj(output), probs

@@ -156,7 +156,8 @@ def feature_shape(num_positions: int, image_hw: Tuple[int, int], strides: Sequen
 def detr_cross_attention_map(transformer_out: Dict, layer: int, query: int, hw: Tuple[int, int],
                              image_index: int = 0) -> np.ndarray:
     """DETR decoder cross-attention of one query, averaged over heads: (h, w) over the feature
-    map. `transformer_out` is `predict(...)["transformer"]`, whose "dec_cross_attn" holds
+    map, as probabilities before the attention quantizer.
+    `transformer_out` is `predict(...)["transformer"]`, whose "dec_cross_attn" holds
     per decoder layer (B, H, Q, S)."""
     attn = transformer_out["dec_cross_attn"][layer][image_index, :, query]  # (H, S)
     return attn.float().mean(0).reshape(hw).cpu().numpy()
@@ -191,7 +192,8 @@ def capture_deformable_sampling(model: nn.Module, part: str = "decoder") -> Iter
     forward pass), {"locations": (B, Lq, H, L, P, 2) normalized (x, y) over each level's
     padded map, "weights": (B, Lq, H, L, P)}. The locations are rebuilt from the module's
     `sampling_offsets` output and its reference points exactly as `MSDeformAttn.forward` does;
-    the weights are the module's own (after `attn_weight_quant`). The hooks are removed on exit.
+    the weights are those the module samples with (the output of `attn_weight_quant`, so a
+    quantized student shows its low-bit weights). The hooks are removed on exit.
     """
     from ..layers.ms_deform_attn import MSDeformAttn
 
@@ -207,15 +209,19 @@ def capture_deformable_sampling(model: nn.Module, part: str = "decoder") -> Iter
         def offsets_hook(_mod, _inputs, output, last=last):
             last["offsets"] = output.detach()
 
+        def weights_hook(_mod, _inputs, output, last=last):
+            last["weights"] = output.detach()
+
         def attn_hook(mod, args, kwargs, output, last=last):
             names = ("query", "reference_points", "input_flatten", "input_spatial_shapes")
             values = dict(zip(names, args))
             values.update({k: v for k, v in kwargs.items() if k in names})
             locations = _sampling_locations(mod, last.pop("offsets"), values["reference_points"].detach(),
                                             values["input_spatial_shapes"])
-            records.append({"locations": locations, "weights": output[1].detach()})
+            records.append({"locations": locations, "weights": last.pop("weights")})
 
         handles.append(module.sampling_offsets.register_forward_hook(offsets_hook))
+        handles.append(module.attn_weight_quant.register_forward_hook(weights_hook))
         handles.append(module.register_forward_hook(attn_hook, with_kwargs=True))
     try:
         yield records

@@ -125,6 +125,28 @@ def test_terms_are_positive_and_reach_step_sizes_when_quantized(make_cfg, teache
         assert torch.equal(v, teacher_state[k]), k
 
 
+def _grad_norm(loss, params):
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return sum(float(g.pow(2).sum()) for g in grads if g is not None) ** 0.5
+
+
+@pytest.mark.parametrize("arch", ["detr", "deformable"])
+def test_attention_kl_gradient_is_bounded_at_low_bit(make_cfg, teacher_files, arch):
+    # 2-bit attention maps are mostly exact zeros: a KL to them would be unbounded and its
+    # straight-through gradient ~1/eps, which full-model gradient clipping turns into a step
+    # that ignores the detection loss. The KL must stay on the detection loss's scale.
+    yaml, weights, overrides, _ = teacher_files(arch)
+    _, student = _student(make_cfg, arch, yaml, weights, "MODEL.QUANT.ENABLED", "True",
+                          "MODEL.QUANT.WEIGHT_BITS", "2", "MODEL.QUANT.ACT_BITS", "2", "MODEL.QUANT.ATTN_BITS", "2",
+                          overrides=overrides)
+    student.train()
+    losses = student(_batch(torch.Generator().manual_seed(2)))
+    params = [p for p in student.parameters() if p.requires_grad]
+    detection = _grad_norm(sum(v for k, v in losses.items() if not k.startswith("loss_distill")), params)
+    attention = _grad_norm(losses["loss_distill_enc_attn"], params)
+    assert 0 < attention < 10 * detection, (attention, detection)
+
+
 def test_foreground_only_uses_matched_queries(make_cfg, teacher_files):
     yaml, weights, _, _ = teacher_files("detr")
     _, student = _student(make_cfg, "detr", yaml, weights, "MODEL.QUANT.ENABLED", "True",

@@ -24,7 +24,10 @@ def test_multihead_attention_points():
     float_module = MultiheadAttention(16, 4)
     qmodule = quantize_model(copy.deepcopy(float_module), QuantConfig())
     q, mem = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
-    out, attn = qmodule(q, mem, mem)
+    quantized = []
+    qmodule.attn_quant.register_forward_hook(lambda _m, _i, output: quantized.append(output))
+    out, probs = qmodule(q, mem, mem)
+    attn = quantized[0]
     assert isinstance(qmodule.q_proj, QuantLinear)
     points = [qmodule.q_quant, qmodule.k_quant, qmodule.v_quant, qmodule.attn_quant]
     assert all(isinstance(p, LSQQuantizer) and p.scale.numel() == 4 for p in points)
@@ -32,6 +35,8 @@ def test_multihead_attention_points():
     # Softmax probabilities on the unsigned 4-bit grid of their head's step size.
     codes = attn / qmodule.attn_quant.scale.detach().view(1, -1, 1, 1)
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.max() <= 15 + 1e-4
+    # The returned map is the softmax the quantizer received (what distillation compares).
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 5)) and not torch.allclose(probs, attn)
 
 
 def test_deformable_attention_points():
@@ -39,7 +44,11 @@ def test_deformable_attention_points():
     torch.nn.init.normal_(float_module.attention_weights.weight)  # non-uniform weights
     qmodule = quantize_model(copy.deepcopy(float_module), QuantConfig(attn_bits=3))
     inputs = _deform_inputs()
-    out, weights = qmodule(*inputs)
+    quantized = []
+    qmodule.attn_weight_quant.register_forward_hook(lambda _m, _i, output: quantized.append(output))
+    out, probs = qmodule(*inputs)
+    weights = quantized[0]
+    assert torch.allclose(probs.flatten(-2).sum(-1), torch.ones(probs.shape[:3]))
     assert qmodule.value_quant.scale.numel() == 4 and qmodule.attn_weight_quant.scale.numel() == 4
     codes = weights / qmodule.attn_weight_quant.scale.detach().view(1, 1, -1, 1, 1)
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.max() <= 7 + 1e-4
