@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """The AQ-DETR ablation in miniature on the built-in shapes dataset, on a CPU.
 
-    python tools/quickstart.py [--arch deformable|detr] [--iters 400] [--bits 4]
+    python tools/quickstart.py [--arch deformable|detr] [--iters 400] [--precision w4a4] [--seeds 1 2]
 
 1. the full-precision teacher: the committed checkpoint `docs/quickstart/<arch>_teacher.pth`
    if present (made by `--train-teacher`, its log beside it), else trained here;
-2. from the teacher, for the same number of iterations each: LSQ (no auxiliary queries, no
-   distillation), + auxiliary queries, + distillation, and full AQ-DETR;
+2. from the teacher, for the same number of iterations each and once per seed: LSQ (no
+   auxiliary queries, no distillation), + auxiliary queries, + distillation, and full AQ-DETR;
 3. every run evaluated by Detectron2's COCO evaluator on `shapes_val` (1000 images), beside
    the teacher itself and post-training quantization of it (min-max, no training);
-   `results.md`, `results.json` and `ablation.png` written to `--output`, the table printed.
+   `results.md` (mean over seeds, each seed's AP), `results.json` and `ablation.png` written
+   to `--output`, the table printed.
 
 Every stage is a `projects/AQDETR/train_net.py` run (Detectron2's ETA lines show progress).
 """
@@ -25,18 +26,21 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
 ARCHS = {
-    "deformable": {"teacher": "configs/shapes/deformable_detr_fp32.yaml", "student": "configs/shapes/aq_deformable_detr_w{b}a{b}.yaml"},
-    "detr": {"teacher": "configs/shapes/detr_fp32.yaml", "student": "configs/shapes/aqdetr_w{b}a{b}.yaml"},
+    "deformable": {"teacher": "configs/shapes/deformable_detr_fp32.yaml", "student": "configs/shapes/aq_deformable_detr_{p}.yaml"},
+    "detr": {"teacher": "configs/shapes/detr_fp32.yaml", "student": "configs/shapes/aqdetr_{p}.yaml"},
 }
+# --precision -> the bits it names: weights, activations, attention.
+PRECISIONS = {"w4a4": "W4A4A4", "w3a3": "W3A3A3", "w2a2": "W2A2A2", "w4a4a8": "W4A4A8"}
 # A half-width ResNet-18 keeps the teacher's checkpoint small enough to commit (~17 MB);
 # teacher and students share it.
 BACKBONE_OPTS = ["MODEL.BACKBONE.NAME", "build_narrow_resnet_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
                  "MODEL.RESNETS.RES2_OUT_CHANNELS", "32"]
 TEACHER_SCHEDULE = ["SOLVER.MAX_ITER", "3500", "SOLVER.STEPS", "(3000,)", "TEST.EVAL_PERIOD", "700",
                     "SOLVER.CHECKPOINT_PERIOD", "700"]
-# Ablation rows: name -> (auxiliary queries, distillation).
-VARIANTS = {"LSQ": (False, False), "LSQ + aux queries": (True, False), "LSQ + distillation": (False, True),
-            "AQ-DETR (aux queries + distillation)": (True, True)}
+# Ablation rows: --variants key -> (row name, auxiliary queries, distillation).
+VARIANTS = {"lsq": ("LSQ", False, False), "aux": ("LSQ + aux queries", True, False),
+            "distill": ("LSQ + distillation", False, True), "aq": ("AQ-DETR (aux queries + distillation)", True, True)}
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def stage(message: str):
@@ -77,6 +81,26 @@ def final_metrics(output_dir: str):
     if not rows:
         raise SystemExit(f"no evaluation in {output_dir}/metrics.json")
     return {k.split("/", 1)[1]: v for k, v in rows[-1].items() if k.startswith("bbox/") and "-" not in k}
+
+
+def finished(output_dir: str, iters: int) -> bool:
+    """True when a run saved its final model and evaluated it at its last iteration."""
+    if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
+        return False
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f if '"bbox/AP"' in line]
+    return bool(rows) and rows[-1]["iteration"] == iters - 1
+
+
+def previous_minutes(output: str, run_dir: str) -> float:
+    """The training minutes an earlier quickstart recorded for `run_dir` (0 if it did not)."""
+    try:
+        with open(os.path.join(output, "results.json")) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    runs = [run for row in rows for run in row.get("seeds", []) if run["output_dir"] == run_dir]
+    return runs[0]["train_minutes"] if runs else 0.0
 
 
 def check_teacher(path: str):
@@ -127,9 +151,16 @@ def size_and_ops(config: str, opts):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="deformable")
-    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4), help="W/A/attention bits")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="w4a4",
+                        help="student bits: w4a4 = W4A4A4 (weights, activations, attention), w4a4a8 = 8-bit attention")
     parser.add_argument("--iters", type=int, default=400, help="fine-tuning iterations per variant")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one fine-tune per variant per seed")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="ablation rows to train (default: all four)")
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "quickstart"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs already in --output and resume unfinished ones from their last "
+                             "checkpoint (e.g. to add seeds to an earlier table)")
     parser.add_argument("--train-teacher", action="store_true", help="train the teacher even if one is committed")
     parser.add_argument("--teacher-iters", type=int, default=None, help="override the teacher's 3500 iterations")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
@@ -151,7 +182,8 @@ def main():
     check_teacher(teacher)
     stage(f"teacher: {teacher}")
 
-    student_cfg = arch["student"].format(b=args.bits)
+    student_cfg = arch["student"].format(p=args.precision)
+    bits = PRECISIONS[args.precision]
     common = BACKBONE_OPTS + ["MODEL.WEIGHTS", teacher, "MODEL.DISTILL.TEACHER_WEIGHTS", teacher,
                               "MODEL.DISTILL.TEACHER_CONFIG", teacher_cfg,
                               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
@@ -159,7 +191,7 @@ def main():
     rows = []
     for name, config, opts in [
         ("full precision (teacher)", os.path.relpath(teacher_cfg, ROOT), ["MODEL.WEIGHTS", teacher]),
-        (f"PTQ min-max W{args.bits}A{args.bits}A{args.bits} (no training)", student_cfg,
+        (f"PTQ min-max {bits} (no training)", student_cfg,
          common + ["MODEL.QUANT.QUANTIZER", "minmax", "MODEL.QUANT.CALIB_BATCHES", "8",
                    "MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]),
     ]:
@@ -170,28 +202,44 @@ def main():
         rows.append({"name": name, **evaluated_metrics(run_dir + ".log"), "size_mb": size_mb, "gops": gops,
                      "train_minutes": 0.0, "eval_minutes": seconds / 60, "output_dir": run_dir})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
-    for name, (aux, distill) in VARIANTS.items():
-        run_dir = os.path.join(args.output, name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower())
+    for key in args.variants:
+        name, aux, distill = VARIANTS[key]
         opts = common + ["MODEL.AUX_QUERIES.ENABLED", str(aux), "MODEL.DISTILL.ENABLED", str(distill)]
-        stage(f"{name}: {args.iters} iterations of W{args.bits}A{args.bits}A{args.bits} from the teacher")
-        seconds = train_net(student_cfg, run_dir, opts, run_dir + ".log")
+        runs = []
+        for seed in args.seeds:
+            run_dir = os.path.join(args.output, f"{key}_seed{seed}")
+            if args.resume and finished(run_dir, args.iters):
+                stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
+                seconds = previous_minutes(args.output, run_dir) * 60
+            else:
+                stage(f"{name}, seed {seed}: {args.iters} iterations of {bits} from the teacher")
+                resume = ["--resume"] if args.resume else []
+                seconds = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log")
+            runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": seconds / 60, "output_dir": run_dir})
+            stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")
         size_mb, gops = size_and_ops(student_cfg, opts)
-        rows.append({"name": name, **final_metrics(run_dir), "size_mb": size_mb, "gops": gops,
-                     "train_minutes": seconds / 60, "output_dir": run_dir})
-        stage(f"{name}: AP {rows[-1]['AP']:.1f}")
+        rows.append({"name": name, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops, "seeds": runs})
 
     write_results(args, rows)
+
+
+def mean_over_seeds(runs):
+    """Metrics and training minutes averaged over per-seed runs; `AP_spread` is max - min AP."""
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in (*METRICS, "train_minutes")}
+    aps = [r["AP"] for r in runs]
+    return {**mean, "AP_spread": max(aps) - min(aps)}
 
 
 def write_results(args, rows):
     from aqdetr_d2.utils.visualization import ablation_bar_chart
 
-    header = "| run | AP | AP50 | AP75 | APs | APm | APl | size (MB) | GOPs | train (min) |"
+    header = "| run | AP | AP50 | AP75 | APs | APm | APl | AP per seed | size (MB) | GOPs | train (min) |"
     lines = [f"Command: `python tools/quickstart.py {' '.join(sys.argv[1:])}`", "", header,
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
-                     + f" | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
+        per_seed = " / ".join(f"{s['AP']:.1f}" for s in r.get("seeds", [])) or "-"
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in METRICS)
+                     + f" | {per_seed} | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
     table = "\n".join(lines)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(table + "\n")

@@ -55,13 +55,33 @@ def test_unwritable_dataset_directory_is_refused(quickstart, tmp_path, monkeypat
         quickstart.check_dataset_dir()
 
 
+def _run(ap, seed):
+    return {"AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": ap, "APm": ap, "APl": float("nan"), "seed": seed,
+            "train_minutes": 3.0 + seed, "output_dir": f"run{seed}"}
+
+
+def test_mean_over_seeds(quickstart):
+    row = quickstart.mean_over_seeds([_run(40.0, 1), _run(43.0, 2)])
+    assert row["AP"] == 41.5 and row["AP50"] == 83.0 and row["AP_spread"] == 3.0 and row["train_minutes"] == 4.5
+
+
+def test_finished_runs_are_recognised(quickstart, tmp_path):
+    assert not quickstart.finished(str(tmp_path), 400)
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 199, "bbox/AP": 1.0}) + "\n")
+    assert not quickstart.finished(str(tmp_path), 400)  # evaluated at another length
+    assert quickstart.finished(str(tmp_path), 200)
+
+
 def test_results_files(quickstart, tmp_path, capsys):
-    rows = [{"name": name, "AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": ap, "APm": ap, "APl": float("nan"),
-             "size_mb": 1.5, "gops": 0.05, "train_minutes": 3.0} for name, ap in [("LSQ", 40.0), ("AQ-DETR", 45.0)]]
+    rows = [{"name": "teacher", **_run(70.0, 0), "size_mb": 16.0, "gops": 0.3}]
+    rows += [{"name": name, **quickstart.mean_over_seeds(runs), "size_mb": 1.5, "gops": 0.05, "seeds": runs}
+             for name, runs in [("LSQ", [_run(40.0, 1), _run(42.0, 2)]), ("AQ-DETR", [_run(45.0, 1)])]]
     quickstart.write_results(argparse.Namespace(output=str(tmp_path)), rows)
     table = (tmp_path / "results.md").read_text()
-    assert "| LSQ | 40.0 | 80.0 |" in table and "| AQ-DETR | 45.0 |" in table
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["AP"] == 45.0
+    assert "| teacher | 70.0 | 140.0 |" in table and "| - |" in table
+    assert "| LSQ | 41.0 | 82.0 |" in table and "| 40.0 / 42.0 |" in table and "| AQ-DETR | 45.0 |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][2]["AP"] == 45.0
     image = Image.open(tmp_path / "ablation.png")
     assert image.size[0] > 200 and image.size[1] > 150
     assert "| AQ-DETR | 45.0 |" in capsys.readouterr().out
