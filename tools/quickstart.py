@@ -43,8 +43,12 @@ VARIANTS = {"lsq": ("LSQ", False, False), "aux": ("LSQ + aux queries", True, Fal
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+_START = time.time()
+
+
 def stage(message: str):
-    print(f"[quickstart {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    elapsed = (time.time() - _START) / 60
+    print(f"[quickstart {time.strftime('%H:%M:%S')}, {elapsed:.1f} min] {message}", flush=True)
 
 
 def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
@@ -202,17 +206,20 @@ def main():
         rows.append({"name": name, **evaluated_metrics(run_dir + ".log"), "size_mb": size_mb, "gops": gops,
                      "train_minutes": 0.0, "eval_minutes": seconds / 60, "output_dir": run_dir})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
+    total, done = len(args.variants) * len(args.seeds), 0
     for key in args.variants:
         name, aux, distill = VARIANTS[key]
         opts = common + ["MODEL.AUX_QUERIES.ENABLED", str(aux), "MODEL.DISTILL.ENABLED", str(distill)]
         runs = []
         for seed in args.seeds:
+            done += 1
             run_dir = os.path.join(args.output, f"{key}_seed{seed}")
             if args.resume and finished(run_dir, args.iters):
                 stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
                 seconds = previous_minutes(args.output, run_dir) * 60
             else:
-                stage(f"{name}, seed {seed}: {args.iters} iterations of {bits} from the teacher")
+                stage(f"{name}, seed {seed} (fine-tune {done} of {total}): "
+                      f"{args.iters} iterations of {bits} from the teacher")
                 resume = ["--resume"] if args.resume else []
                 seconds = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log")
             runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": seconds / 60, "output_dir": run_dir})

@@ -375,7 +375,8 @@ def ablation_bar_chart(rows: List[Dict], metric: Union[str, Sequence[str]] = "AP
     Args:
         rows: e.g. [{"name": "fp32", "AP": 61.2, "AP50": 80.1}, {"name": "LSQ W4A4", "AP": 52.3}, ...].
         metric: the key to plot, or several keys (grouped bars, with a legend). Values that
-            are missing or not finite numbers get no bar and an "n/a" mark.
+            are missing or not finite numbers get no bar and an "n/a" mark. A row with a
+            "seeds" list (per-seed rows holding the same keys) also gets each seed's value as a dot.
         output_path: the PNG to write (parent directories are created).
     Returns:
         output_path.
@@ -400,6 +401,11 @@ def ablation_bar_chart(rows: List[Dict], metric: Union[str, Sequence[str]] = "AP
         values = [_number(r.get(m)) for r in rows]
         heights = [v if v is not None else 0.0 for v in values]
         bars = ax.bar(x + offset, heights, width * 0.95, label=m)
+        for bar, row in zip(bars, rows):
+            seeds = [v for run in row.get("seeds", []) if (v := _number(run.get(m))) is not None]
+            if len(seeds) > 1:
+                center = bar.get_x() + bar.get_width() / 2
+                ax.plot([center] * len(seeds), seeds, "o", color="black", markersize=3, zorder=3)
         for bar, v in zip(bars, values):
             text = f"{v:.1f}" if v is not None else "n/a"
             ax.text(bar.get_x() + bar.get_width() / 2, (v if v is not None and v > 0 else 0) + 0.01 * top,

@@ -194,3 +194,8 @@ def test_ablation_bar_chart(tmp_path):
     assert grouped.std() > 10.0
     with pytest.raises(ValueError, match="name"):
         ablation_bar_chart([{"AP": 1.0}], output_path=str(tmp_path / "x.png"))
+    # Per-seed values are drawn as dots over the mean's bar: the picture changes.
+    seeded = [{**rows[1], "seeds": [{"AP": 48.0}, {"AP": 52.2}]}]
+    plain = _read_png(ablation_bar_chart([rows[1]], "AP", str(tmp_path / "plain.png")))
+    dots = _read_png(ablation_bar_chart(seeded, "AP", str(tmp_path / "dots.png")))
+    assert plain.shape == dots.shape and (plain != dots).any(axis=-1).sum() > 20
