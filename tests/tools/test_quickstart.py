@@ -97,3 +97,9 @@ def test_evaluated_metrics_reads_the_copypaste_lines(quickstart, tmp_path):
     log.write_text("nothing evaluated\n")
     with pytest.raises(SystemExit, match="no COCO evaluation"):
         quickstart.evaluated_metrics(str(log))
+
+
+def test_every_precision_has_student_configs(quickstart, project_root):
+    for arch in quickstart.ARCHS.values():
+        for precision in quickstart.PRECISIONS:
+            assert os.path.exists(os.path.join(project_root, arch["student"].format(p=precision))), (arch, precision)
