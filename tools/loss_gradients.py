@@ -54,7 +54,14 @@ def main():
     args = parser.parse_args()
     if args.batches < 1:
         raise SystemExit("--batches must be at least 1")
-    logging.basicConfig(level=logging.WARNING)
+    # Detectron2's INFO logging (the model, the data) would bury the table: warnings only, on
+    # stderr. With the level set, AQDETRTrainer leaves logging as it is.
+    d2_logger = logging.getLogger("detectron2")
+    d2_logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    d2_logger.addHandler(handler)
+    d2_logger.propagate = False
 
     cfg = load_config(args.config_file, args.opts)
     trainer = AQDETRTrainer(cfg)
