@@ -2,7 +2,7 @@
 """Confident predictions and the duplicates among them, for one or more checkpoints of a config.
 
     python tools/duplicate_predictions.py --config-file configs/shapes/aq_deformable_detr_w3a3.yaml \\
-        --weights output/qs_w3a3/lsq_seed1/model_final.pth output/qs_w3a3/aux_seed1/model_final.pth \\
+        --weights output/qs_w3a3/lsq_seed1/model_final.pth --weights output/qs_w3a3/aux_seed1/model_final.pth \\
         --num-images 200 MODEL.BACKBONE.NAME build_narrow_resnet_backbone ...
 
 A set-prediction detector has no NMS: one-to-one matching is what teaches it to give each object
@@ -62,7 +62,8 @@ def duplicate_table(cfg, weights, num_images: int, score: float, iou: float):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--weights", nargs="+", required=True, help="checkpoints of models built by the config")
+    parser.add_argument("--weights", action="append", required=True, metavar="PATH",
+                        help="a checkpoint of a model the config builds; repeat for several")
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--score", type=float, default=0.3, help="confidence threshold")
     parser.add_argument("--iou", type=float, default=0.6, help="same-class overlap that makes a duplicate")

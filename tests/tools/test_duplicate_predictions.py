@@ -50,7 +50,7 @@ def test_tool_prints_a_row_per_checkpoint(project_root, make_cfg, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, os.path.join("tools", "duplicate_predictions.py"), "--config-file",
-         "configs/shapes/detr_fp32.yaml", "--weights", str(tmp_path / "a.pth"), str(tmp_path / "a.pth"),
+         "configs/shapes/detr_fp32.yaml", "--weights", str(tmp_path / "a.pth"), "--weights", str(tmp_path / "a.pth"),
          "--num-images", "6", "--score", "0.0", *opts],
         cwd=project_root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
