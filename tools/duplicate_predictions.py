@@ -23,6 +23,7 @@ from detectron2.structures import Instances, pairwise_iou
 from aqdetr_d2.checkpoint import AQDETRCheckpointer
 from aqdetr_d2.config import load_config
 from aqdetr_d2.data import DetrDatasetMapper
+from aqdetr_d2.engine import initialize_quantizers
 
 
 def count_duplicates(instances: Instances, score: float, iou: float):
@@ -48,6 +49,7 @@ def duplicate_table(cfg, weights, num_images: int, score: float, iou: float):
     for path in weights:
         model = build_model(cfg)
         AQDETRCheckpointer(model).load(path, checkpointables=[])
+        initialize_quantizers(cfg, model)  # a float checkpoint in a quantized config, as in training
         model.eval()
         confident = duplicates = 0
         for start in range(0, len(inputs), cfg.SOLVER.IMS_PER_BATCH):
