@@ -88,12 +88,13 @@ def final_metrics(output_dir: str):
 
 
 def finished(output_dir: str, iters: int) -> bool:
-    """True when a run saved its final model and evaluated it at its last iteration."""
+    """True when a run saved its final model and evaluated it at its end: Detectron2 logs that
+    evaluation at iteration `iters - 1` (periodic) or `iters` (after training, EVAL_PERIOD 0)."""
     if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
         return False
     with open(os.path.join(output_dir, "metrics.json")) as f:
         rows = [json.loads(line) for line in f if '"bbox/AP"' in line]
-    return bool(rows) and rows[-1]["iteration"] == iters - 1
+    return bool(rows) and rows[-1]["iteration"] in (iters - 1, iters)
 
 
 def previous_minutes(output: str, run_dir: str) -> float:

@@ -70,7 +70,9 @@ def test_finished_runs_are_recognised(quickstart, tmp_path):
     (tmp_path / "model_final.pth").write_bytes(b"")
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 199, "bbox/AP": 1.0}) + "\n")
     assert not quickstart.finished(str(tmp_path), 400)  # evaluated at another length
-    assert quickstart.finished(str(tmp_path), 200)
+    assert quickstart.finished(str(tmp_path), 200)  # a periodic evaluation at the last step
+    assert quickstart.finished(str(tmp_path), 199)  # the evaluation after training (EVAL_PERIOD 0)
+    assert not quickstart.finished(str(tmp_path), 198)
 
 
 def test_results_files(quickstart, tmp_path, capsys):
