@@ -33,12 +33,17 @@ def _log(output_dir):
         return f.read()
 
 
-def load_train_net(project_root):
-    """projects/AQDETR/train_net.py as a module, with a small validation split registered."""
-    path = os.path.join(project_root, "projects", "AQDETR", "train_net.py")
-    spec = importlib.util.spec_from_file_location("aqdetr_train_net", path)
+def load_script(path: str, name: str):
+    """A script that is not part of a package (tools/*.py, train_net.py), imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_train_net(project_root):
+    """projects/AQDETR/train_net.py as a module, with a small validation split registered."""
+    module = load_script(os.path.join(project_root, "projects", "AQDETR", "train_net.py"), "aqdetr_train_net")
     if SMALL_VAL not in DatasetCatalog.list():
         DatasetCatalog.register(SMALL_VAL, lambda: copy.deepcopy(DatasetCatalog.get("shapes_val")[:40]))
         MetadataCatalog.get(SMALL_VAL).set(thing_classes=MetadataCatalog.get("shapes_val").thing_classes,

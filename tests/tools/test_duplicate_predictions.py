@@ -1,5 +1,4 @@
 """tools/duplicate_predictions.py: duplicate counting by hand, and the tool run as a user would."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,16 +9,12 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from train_net_helpers import COMMON, SMALL_VAL, TINY
+from train_net_helpers import COMMON, TINY, load_script
 
 
 @pytest.fixture(scope="module")
 def tool(project_root):
-    path = os.path.join(project_root, "tools", "duplicate_predictions.py")
-    spec = importlib.util.spec_from_file_location("duplicate_predictions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(project_root, "tools", "duplicate_predictions.py"), "duplicate_predictions")
 
 
 def _instances(boxes, scores, classes):

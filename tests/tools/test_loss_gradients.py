@@ -1,5 +1,4 @@
 """tools/loss_gradients.py: per-term gradient statistics, checked by hand and run as a user would."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,15 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from train_net_helpers import COMMON, TINY
+from train_net_helpers import COMMON, TINY, load_script
 
 
 @pytest.fixture(scope="module")
 def tool(project_root):
-    spec = importlib.util.spec_from_file_location("loss_gradients", os.path.join(project_root, "tools", "loss_gradients.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(project_root, "tools", "loss_gradients.py"), "loss_gradients")
 
 
 def test_statistics_match_hand_computed_gradients(tool):

@@ -4,7 +4,6 @@ The whole pipeline (five train_net runs and five COCO evaluations) takes minutes
 models, so it is run by hand (see the issue notes), not here.
 """
 import argparse
-import importlib.util
 import json
 import os
 
@@ -12,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from train_net_helpers import load_script
+
 
 @pytest.fixture(scope="module")
 def quickstart(project_root):
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(project_root, "tools", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(project_root, "tools", "quickstart.py"), "quickstart")
 
 
 def test_final_metrics_reads_the_last_evaluation(quickstart, tmp_path):

@@ -4,7 +4,6 @@ Tiny untrained models (narrow ResNet, hidden 32, 1 encoder / 2 decoder layers, 9
 the quantized student is the float checkpoint loaded into a W4/A4/Attn4 model, calibrated on
 one batch of two images.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from aqdetr_d2.utils.visualization import ablation_bar_chart, capture_deformable_sampling
+
+from train_net_helpers import load_script
 
 CONFIGS = {"detr": "shapes/detr_fp32.yaml", "deformable": "shapes/deformable_detr_fp32.yaml"}
 NODES = {"detr": "DETR", "deformable": "DEFORMABLE_DETR"}
@@ -47,11 +48,7 @@ def _overrides(arch):
 
 @pytest.fixture(scope="module")
 def visualize(project_root):
-    path = os.path.join(project_root, "tools", "visualize.py")
-    spec = importlib.util.spec_from_file_location("aqdetr_visualize", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(project_root, "tools", "visualize.py"), "aqdetr_visualize")
 
 
 @pytest.fixture(scope="module")
