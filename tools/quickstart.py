@@ -78,10 +78,15 @@ def evaluated_metrics(log_path: str):
     raise SystemExit(f"no COCO evaluation in {log_path}")
 
 
+def _evaluations(output_dir: str):
+    """The COCO evaluations a run logged in Detectron2's metrics.json, oldest first."""
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if '"bbox/AP"' in line]
+
+
 def final_metrics(output_dir: str):
     """The last COCO evaluation logged in Detectron2's metrics.json."""
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if '"bbox/AP"' in line]
+    rows = _evaluations(output_dir)
     if not rows:
         raise SystemExit(f"no evaluation in {output_dir}/metrics.json")
     return {k.split("/", 1)[1]: v for k, v in rows[-1].items() if k.startswith("bbox/") and "-" not in k}
@@ -92,8 +97,7 @@ def finished(output_dir: str, iters: int) -> bool:
     evaluation at iteration `iters - 1` (periodic) or `iters` (after training, EVAL_PERIOD 0)."""
     if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
         return False
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if '"bbox/AP"' in line]
+    rows = _evaluations(output_dir)
     return bool(rows) and rows[-1]["iteration"] in (iters - 1, iters)
 
 
@@ -194,13 +198,13 @@ def main():
                               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
                               "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", str(args.iters)] + args.opts
     rows = []
-    for name, config, opts in [
-        ("full precision (teacher)", os.path.relpath(teacher_cfg, ROOT), ["MODEL.WEIGHTS", teacher]),
-        (f"PTQ min-max {bits} (no training)", student_cfg,
+    for name, run, config, opts in [
+        ("full precision (teacher)", "teacher_eval", os.path.relpath(teacher_cfg, ROOT), ["MODEL.WEIGHTS", teacher]),
+        (f"PTQ min-max {bits} (no training)", "ptq", student_cfg,
          common + ["MODEL.QUANT.QUANTIZER", "minmax", "MODEL.QUANT.CALIB_BATCHES", "8",
                    "MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]),
     ]:
-        run_dir = os.path.join(args.output, "teacher_eval" if config == os.path.relpath(teacher_cfg, ROOT) else "ptq")
+        run_dir = os.path.join(args.output, run)
         stage(f"{name}: evaluating")
         seconds = train_net(config, run_dir, ["--eval-only", *opts, *args.opts], run_dir + ".log")
         size_mb, gops = size_and_ops(config, opts + args.opts)

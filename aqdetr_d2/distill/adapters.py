@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 
-
 @dataclass
 class EncoderPair:
     """One encoder layer: attention (DETR (B, H, S, S); Deformable (B, S, H, L, P)) and output (B, S, C)."""
@@ -128,7 +127,6 @@ class DeformableDETRAdapter:
             t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher.detector)
         return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
                 for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
-
 
     @staticmethod
     @torch.no_grad()
