@@ -79,8 +79,12 @@ def evaluated_metrics(log_path: str):
 
 
 def _evaluations(output_dir: str):
-    """The COCO evaluations a run logged in Detectron2's metrics.json, oldest first."""
-    with open(os.path.join(output_dir, "metrics.json")) as f:
+    """The COCO evaluations a run logged in Detectron2's metrics.json, oldest first (none if the
+    run never got as far as writing it)."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
         return [json.loads(line) for line in f if '"bbox/AP"' in line]
 
 

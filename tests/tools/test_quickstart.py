@@ -28,6 +28,10 @@ def test_final_metrics_reads_the_last_evaluation(quickstart, tmp_path):
 
 
 def test_missing_evaluation_is_refused(quickstart, tmp_path):
+    with pytest.raises(SystemExit, match="no evaluation"):
+        quickstart.final_metrics(str(tmp_path))  # no metrics.json at all
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    assert not quickstart.finished(str(tmp_path), 400)
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 1, "total_loss": 1.0}) + "\n")
     with pytest.raises(SystemExit, match="no evaluation"):
         quickstart.final_metrics(str(tmp_path))
