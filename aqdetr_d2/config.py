@@ -33,6 +33,12 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.DETR.IN_FEATURE = "res5"  # backbone feature the transformer reads
     cfg.MODEL.DETR.PRE_NORM = False  # pre-norm transformer layers (DETR default: post-norm)
     cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1  # relative CE weight of the no-object class
+    # Convergence aids for CPU-sized proxies (the papers' DETR uses none of them):
+    cfg.MODEL.DETR.FOCAL_LOSS = False  # per-class sigmoid focal classification, no no-object class
+    cfg.MODEL.DETR.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha (with FOCAL_LOSS)
+    cfg.MODEL.DETR.BOX_REFINE = False  # anchor boxes as query positions, refined by a head per decoder layer
+    cfg.MODEL.DETR.TWO_STAGE = False  # anchors from the best encoder proposals (needs BOX_REFINE, FOCAL_LOSS)
+    cfg.MODEL.DETR.TOPK_TEST = 100  # with FOCAL_LOSS: (query, class) detections kept per image
 
     cfg.MODEL.DEFORMABLE_DETR = CN()
     _add_common_detr_keys(cfg.MODEL.DEFORMABLE_DETR, num_queries=300, hidden_dim=256,
@@ -87,7 +93,7 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1  # sampling-offset / reference-point layers lr factor
     # Parameters whose name contains one of these get no weight decay (quantizer steps never do).
-    cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed"]
+    cfg.SOLVER.NO_DECAY_KEYWORDS = ["norm", "bias", "query_embed", "level_embed", "anchor_embed"]
     # Detectron2's CLIP_GRADIENTS keys, with DETR's defaults and one more CLIP_TYPE.
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True  # clip gradients before every optimizer step
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # one norm over all parameters ("value"/"norm": per parameter)

@@ -7,7 +7,7 @@ class CheckpointMismatchError(RuntimeError):
 
 
 # Quantizer state is initialised from data when absent, so a float checkpoint may lack it.
-_OPTIONAL_KEY_PARTS = ("_quant.", "quantizer", "aux_query_embed")  # aux queries: training-only, may be absent
+_OPTIONAL_KEY_PARTS = ("_quant.", "quantizer", "aux_query_embed", "aux_anchor_embed")  # aux queries: training-only, may be absent
 
 
 class AQDETRCheckpointer(DetectionCheckpointer):

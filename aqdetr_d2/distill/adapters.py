@@ -38,16 +38,22 @@ class DecoderPair:
     teacher_boxes: Tensor
 
 
+_PARALLEL_TWO_STAGE = (
+    "MODEL.DISTILL.MODE 'parallel' cannot distill the decoder of a two-stage {name}: teacher and student "
+    "pick different proposals, so their queries do not correspond. Use MODE 'teacher_forced' or set "
+    "MODEL.DISTILL.DEC_*_WEIGHT to 0.")
+
+
 def _layer_predictions(outputs: Dict) -> List[Dict[str, Tensor]]:
     return list(outputs.get("aux_outputs", [])) + [{"pred_logits": outputs["pred_logits"],
                                                      "pred_boxes": outputs["pred_boxes"]}]
 
 
 class DETRAdapter:
-    """`AQDETR`: seq-first tensors, explicit attention maps, one shared head for every layer."""
+    """`AQDETR`: seq-first tensors, explicit attention maps; one shared head for every layer, or
+    one head per layer with box refinement (then each layer refines the student's anchors)."""
 
     attention_kind = "softmax_map"
-    class_kind = "softmax"
 
     @staticmethod
     def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
@@ -69,29 +75,38 @@ class DETRAdapter:
         tr = student_out["transformer"]
         student_preds = _layer_predictions(student_out)
         if teacher_out is not None:
+            if teacher.two_stage:
+                raise ValueError(_PARALLEL_TWO_STAGE.format(name="DETR"))
             t_hidden = list(teacher_out["transformer"]["hs"])
             t_preds = _layer_predictions(teacher_out)
         else:
-            inputs = [tr["tgt"]] + tr["dec_raw_states"][:-1]
-            memory, pos, query_pos = tr["memory"].detach(), tr["pos"].detach(), tr["query_pos"].detach()
-            t_hidden, t_preds = [], []
-            with torch.no_grad():
-                for layer, x in zip(teacher.transformer.decoder.layers, inputs):
-                    raw, _, _ = layer(x.detach(), memory, memory_key_padding_mask=tr["mask"], pos=pos,
-                                      query_pos=query_pos)
-                    hidden = teacher.transformer.decoder.norm(raw).transpose(0, 1)
-                    t_hidden.append(hidden)
-                    t_preds.append({"pred_logits": teacher.class_embed(hidden),
-                                    "pred_boxes": teacher.bbox_embed(hidden).sigmoid()})
+            t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher)
         return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
                 for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
+
+    @staticmethod
+    @torch.no_grad()
+    def _teacher_forced_decoder(tr: Dict, teacher):
+        """Each teacher decoder layer on the student's queries, query positions (and anchors) and memory."""
+        inputs = [tr["tgt"]] + tr["dec_raw_states"][:-1]
+        references = tr.get("dec_references", [None] * len(inputs))
+        memory, pos = tr["memory"].detach(), tr["pos"].detach()
+        t_hidden, t_preds = [], []
+        for lid, layer in enumerate(teacher.transformer.decoder.layers):
+            raw, _, _ = layer(inputs[lid].detach(), memory, memory_key_padding_mask=tr["mask"], pos=pos,
+                              query_pos=tr["dec_query_pos"][lid].detach())
+            hidden = teacher.transformer.decoder.norm(raw).transpose(0, 1)
+            reference = None if references[lid] is None else references[lid].detach()
+            logits, boxes = teacher.layer_predictions(lid, hidden, reference)
+            t_hidden.append(hidden)
+            t_preds.append({"pred_logits": logits, "pred_boxes": boxes})
+        return t_hidden, t_preds
 
 
 class DeformableDETRAdapter:
     """`AQDeformableDETR`: batch-first tensors, deformable attention weights, per-layer heads."""
 
     attention_kind = "deformable_weights"
-    class_kind = "sigmoid"
 
     @staticmethod
     def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
@@ -117,10 +132,7 @@ class DeformableDETRAdapter:
         student_preds = _layer_predictions(student_out)
         if teacher_out is not None:
             if teacher.detector.two_stage:
-                raise ValueError(
-                    "MODEL.DISTILL.MODE 'parallel' cannot distill the decoder of a two-stage Deformable-DETR: "
-                    "teacher and student pick different proposals, so their queries do not correspond. "
-                    "Use MODE 'teacher_forced' or set MODEL.DISTILL.DEC_*_WEIGHT to 0.")
+                raise ValueError(_PARALLEL_TWO_STAGE.format(name="Deformable-DETR"))
             t_hidden = list(teacher_out["transformer_out"]["hs"])
             t_preds = _layer_predictions(teacher_out)
         else:

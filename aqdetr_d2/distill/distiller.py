@@ -73,7 +73,7 @@ class LayerDistiller(nn.Module):
             losses["loss_distill_enc_attn"] = sum(attn_kl(p.student_attn, p.teacher_attn, p.valid) for p in enc_pairs)
             losses["loss_distill_enc_out"] = sum(feature_mse(p.student_out, p.teacher_out, p.valid) for p in enc_pairs)
         if dec_pairs:
-            class_kl = CLASS_KL[self.adapter.class_kind]
+            class_kl = CLASS_KL["sigmoid" if student.criterion.focal else "softmax"]
             hidden, cls, box = [], [], []
             for p in dec_pairs:
                 valid = self._decoder_valid(student, targets, p)

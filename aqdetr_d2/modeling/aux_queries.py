@@ -111,6 +111,9 @@ DETR_QUERY_AXES: Dict[str, Union[int, str]] = {
     "dec_raw_states": 0,  # per layer (Q, B, C)
     "dec_self_attn": SELF_ATTN,  # per layer (B, H, Q, Q)
     "dec_cross_attn": 2,  # per layer (B, H, Q, S)
+    "dec_query_pos": 0,  # per layer (Q, B, C)
+    "dec_references": 1,  # per layer (B, Q, 4), with anchor boxes
+    "dec_boxes": 1,  # per layer (B, Q, 4), with anchor boxes
     "query_pos": 0,  # (Q, B, C)
     "tgt": 0,  # (Q, B, C)
 }

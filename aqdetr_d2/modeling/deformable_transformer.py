@@ -15,7 +15,6 @@ Iterative box refinement and two-stage read the prediction heads from `decoder.b
 and `decoder.class_embed`, which `DeformableDETR` sets (the official "hack").
 """
 import copy
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from ..layers.attention import MultiheadAttention
 from ..layers.box_ops import inverse_sigmoid
 from ..layers.ms_deform_attn import MSDeformAttn, level_shapes
+from ..layers.proposals import box_sine_embed, encoder_proposals
 
 
 def _activation(name: str) -> nn.Module:
@@ -284,50 +284,20 @@ class DeformableTransformer(nn.Module):
 
     def get_proposal_pos_embed(self, proposals: Tensor) -> Tensor:
         """(B, K, 4) unnormalized (logit) boxes -> (B, K, 2 * d_model) sine embedding of the sigmoid."""
-        num_pos_feats = self.d_model // 2
-        temperature = 10000
-        scale = 2 * math.pi
-        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-        dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-        pos = proposals.sigmoid()[:, :, :, None] * scale / dim_t  # (B, K, 4, num_pos_feats)
-        return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
+        return box_sine_embed(proposals.sigmoid(), self.d_model // 2)
 
     def gen_encoder_output_proposals(self, memory: Tensor, memory_padding_mask: Tensor, spatial_shapes: Tensor
                                      ) -> Tuple[Tensor, Tensor]:
-        """One proposal per memory position: a box centred on the pixel, 0.05 * 2^level wide.
-
+        """
         Args:
             memory: (B, S, C); memory_padding_mask: (B, S) bool; spatial_shapes: (n_levels, 2).
         Returns:
             output_memory (B, S, C), the memory through `enc_output` + `enc_output_norm` (zeroed
-            first at padding and invalid proposals), and output_proposals (B, S, 4), the boxes
-            as logits, +inf at padding and at proposals too close to the image border.
+            first at padding and invalid proposals), and output_proposals (B, S, 4) from
+            `encoder_proposals`.
         """
-        batch = memory.shape[0]
-        proposals = []
-        start = 0
-        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
-            mask = memory_padding_mask[:, start:start + h * w].view(batch, h, w)
-            start += h * w
-            valid_h = torch.sum(~mask[:, :, 0], 1)
-            valid_w = torch.sum(~mask[:, 0, :], 1)
-            grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
-                                            torch.arange(w, dtype=torch.float32, device=memory.device),
-                                            indexing="ij")
-            grid = torch.stack([grid_x, grid_y], -1)  # (h, w, 2)
-            scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)
-            grid = (grid[None] + 0.5) / scale  # relative to the valid image, (B, h, w, 2)
-            wh = torch.full_like(grid, 0.05 * (2.0 ** lvl))
-            proposals.append(torch.cat((grid, wh), -1).view(batch, -1, 4))
-        output_proposals = torch.cat(proposals, 1)
-        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
-        output_proposals = torch.log(output_proposals / (1 - output_proposals))
-        output_proposals = output_proposals.masked_fill(memory_padding_mask[..., None], float("inf"))
-        output_proposals = output_proposals.masked_fill(~valid, float("inf"))
-
-        output_memory = memory.masked_fill(memory_padding_mask[..., None], 0.0)
-        output_memory = output_memory.masked_fill(~valid, 0.0)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        output_proposals, valid = encoder_proposals(memory_padding_mask, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
         return output_memory, output_proposals
 
     @staticmethod

@@ -1,4 +1,6 @@
 """Detectron2 meta-architectures `AQDETR` and `AQDeformableDETR`."""
+import copy
+import math
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -10,7 +12,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from ..layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from ..layers.mlp import MLP
 from ..layers.position_encoding import PositionEmbeddingSine
 from .aux_queries import (DEFORMABLE_DETR_QUERY_AXES, DETR_QUERY_AXES, AuxQueries, aux_query_loss,
@@ -21,6 +23,7 @@ from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
 from .matcher import HungarianMatcher
 from .quantization import DEFORMABLE_DETR_LAYOUT, DETR_LAYOUT, maybe_quantize
+from .query_selection import EncoderQuerySelection
 from .transformer import Transformer
 
 __all__ = ["AQDETR", "AQDeformableDETR"]
@@ -95,6 +98,15 @@ class _SetPredictionDetector(nn.Module):
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
         ]
 
+    def _topk_sigmoid_instances(self, logits: Tensor, boxes: Tensor, image_sizes, topk: int) -> List[Instances]:
+        """Top-k (query, class) pairs by sigmoid score: logits (B, Q, K), boxes (B, Q, 4)."""
+        batch, num_queries, num_classes = logits.shape
+        k = min(topk, num_queries * num_classes)
+        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)
+        labels = idx % num_classes
+        boxes = torch.gather(boxes, 1, (idx // num_classes).unsqueeze(-1).expand(-1, -1, 4))
+        return [self._instances(s, l, b, size) for s, l, b, size in zip(scores, labels, boxes, image_sizes)]
+
     def _instances(self, scores, labels, boxes, image_size) -> Instances:
         h, w = image_size
         result = Instances(image_size)
@@ -120,25 +132,60 @@ def _check_heads(node, name):
 
 @META_ARCH_REGISTRY.register()
 class AQDETR(_SetPredictionDetector):
-    """DETR (Carion et al. 2020) on a Detectron2 backbone, with quantizable explicit attention."""
+    """DETR (Carion et al. 2020) on a Detectron2 backbone, with quantizable explicit attention.
+
+    Off by default, three convergence aids make a small DETR trainable on a CPU (the papers'
+    COCO / VOC models use none of them):
+    - `focal`: per-class sigmoid classification with focal loss (no "no-object" class);
+    - `box_refine`: anchor boxes as query positions (DAB-DETR), refined by one box head per
+      decoder layer (Deformable-DETR); `query_embed` then holds query content, not positions;
+    - `two_stage`: the anchors are the best encoder proposals (`EncoderQuerySelection`).
+    """
 
     @configurable
     def __init__(self, *, backbone, in_feature: str, transformer: Transformer, num_classes: int,
                  num_queries: int, criterion: SetCriterion, deep_supervision: bool = True,
+                 focal: bool = False, box_refine: bool = False, two_stage: bool = False, topk_test: int = 100,
                  aux_queries: Optional[AuxQueries] = None, quantize=None, pixel_mean, pixel_std):
         super().__init__(backbone=backbone, in_features=[in_feature], criterion=criterion,
                          num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std,
                          aux_queries=aux_queries)
+        if two_stage and not (box_refine and focal):
+            raise ValueError("MODEL.DETR.TWO_STAGE needs MODEL.DETR.BOX_REFINE and MODEL.DETR.FOCAL_LOSS")
+        if box_refine != transformer.anchor_queries:
+            raise ValueError(f"box_refine={box_refine} but the transformer was built with "
+                             f"anchor_queries={transformer.anchor_queries}")
+        if focal != criterion.focal:
+            raise ValueError(f"focal={focal} but the criterion was built with focal={criterion.focal}")
         hidden = transformer.d_model
         self.transformer = transformer
         self.position_embedding = PositionEmbeddingSine(hidden // 2, normalize=True)
         self.input_proj = nn.Conv2d(backbone.output_shape()[in_feature].channels, hidden, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, hidden)
-        self.class_embed = nn.Linear(hidden, num_classes + 1)
-        self.bbox_embed = MLP(hidden, hidden, 4, 3)
+        self.focal, self.box_refine, self.two_stage = focal, box_refine, two_stage
+        self.topk_test = topk_test
         self.deep_supervision = deep_supervision
-        # Created last, so that the other parameters are initialised as without it.
+        class_embed = nn.Linear(hidden, num_classes if focal else num_classes + 1)
+        bbox_embed = MLP(hidden, hidden, 4, 3)
+        if focal:
+            # Every class starts at probability 0.01, so background queries do not swamp the loss.
+            nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        if box_refine:
+            # Boxes start at their anchors (zero correction); two-stage adds the proposal heads.
+            nn.init.zeros_(bbox_embed.layers[-1].weight)
+            nn.init.zeros_(bbox_embed.layers[-1].bias)
+            num_heads = transformer.decoder.num_layers + (1 if two_stage else 0)
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_heads))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_heads))
+        else:
+            self.class_embed, self.bbox_embed = class_embed, bbox_embed
+        self.query_selection = EncoderQuerySelection(hidden) if two_stage else None
+        self.anchor_embed = _anchor_embedding(num_queries) if box_refine and not two_stage else None
+        # Created last, so that the other parameters are initialised as without them.
         self.aux_query_embed = nn.Embedding(aux_queries.num_queries, hidden) if aux_queries else None
+        self.aux_anchor_embed = None
+        if aux_queries and self.anchor_embed is not None:
+            self.aux_anchor_embed = _anchor_embedding(aux_queries.num_queries)
         if quantize is not None:
             quantize(self)
 
@@ -146,36 +193,68 @@ class AQDETR(_SetPredictionDetector):
     def from_config(cls, cfg):
         d = cfg.MODEL.DETR
         _check_heads(d, "MODEL.DETR")
-        matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU)
+        matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, focal=d.FOCAL_LOSS,
+                                   focal_alpha=d.FOCAL_ALPHA)
         return {
             "backbone": build_detr_backbone(cfg, [d.IN_FEATURE]),
             "in_feature": d.IN_FEATURE,
             "transformer": Transformer(d.HIDDEN_DIM, d.NHEADS, d.ENC_LAYERS, d.DEC_LAYERS,
-                                       d.DIM_FEEDFORWARD, d.DROPOUT, d.PRE_NORM),
+                                       d.DIM_FEEDFORWARD, d.DROPOUT, d.PRE_NORM, anchor_queries=d.BOX_REFINE),
             "num_classes": d.NUM_CLASSES,
             "num_queries": d.NUM_OBJECT_QUERIES,
             "criterion": SetCriterion(d.NUM_CLASSES, matcher, d.CLASS_WEIGHT, d.L1_WEIGHT,
-                                      d.GIOU_WEIGHT, d.NO_OBJECT_WEIGHT),
+                                      d.GIOU_WEIGHT, d.NO_OBJECT_WEIGHT, focal=d.FOCAL_LOSS,
+                                      focal_alpha=d.FOCAL_ALPHA),
             "deep_supervision": d.DEEP_SUPERVISION,
+            "focal": d.FOCAL_LOSS,
+            "box_refine": d.BOX_REFINE,
+            "two_stage": d.TWO_STAGE,
+            "topk_test": d.TOPK_TEST,
             "aux_queries": AuxQueries.from_config(cfg),
             "quantize": partial(maybe_quantize, cfg, layout=DETR_LAYOUT),
             **_pixel_stats(cfg),
         }
 
+    def layer_predictions(self, lvl: int, hidden: Tensor, reference: Optional[Tensor] = None):
+        """Class logits (B, Q, K or K + 1) and boxes (B, Q, 4) of decoder layer `lvl` from its
+        output hidden (B, Q, C) and, with box refinement, its input anchor boxes (B, Q, 4)."""
+        if not self.box_refine:
+            return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
+        boxes = (self.bbox_embed[lvl](hidden) + inverse_sigmoid(reference)).sigmoid()
+        return self.class_embed[lvl](hidden), boxes
+
     def predict(self, images: ImageList) -> Dict:
-        """-> "pred_logits" (B, Q, K + 1), "pred_boxes" (B, Q, 4), "aux_outputs", "transformer";
-        in training with auxiliary queries also "aux_query_outputs" (see `split_query_outputs`)."""
+        """-> "pred_logits" (B, Q, K + 1, or K with focal loss), "pred_boxes" (B, Q, 4),
+        "aux_outputs", "transformer", in two-stage "enc_outputs" (the scored proposals); in
+        training with auxiliary queries also "aux_query_outputs" (see `split_query_outputs`)."""
         features, masks = masked_features(self.backbone, images, self.in_features)
         src, mask = features[-1], masks[-1]
         pos = self.position_embedding(mask).to(src.dtype)
-        queries, tgt_mask = self.query_embed.weight, None
+        enc = self.transformer.encode(self.input_proj(src), mask, pos)
+        content, anchors, tgt_mask = self.query_embed.weight, self.anchor_embed, None
         if self.uses_aux_queries:
-            tgt_mask = self.aux_queries.self_attn_mask(len(queries), queries.device)
-            queries = torch.cat([queries, self.aux_query_embed.weight])
-        out = self.transformer(self.input_proj(src), mask, queries, pos, tgt_mask=tgt_mask)
-        logits = self.class_embed(out["hs"])
-        boxes = self.bbox_embed(out["hs"]).sigmoid()
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "transformer": out}
+            tgt_mask = self.aux_queries.self_attn_mask(len(content), content.device)
+            content = torch.cat([content, self.aux_query_embed.weight])
+        queries = content.unsqueeze(1).repeat(1, src.shape[0], 1)  # (Q, B, C)
+        outputs = {}
+        if not self.box_refine:
+            out = self.transformer.decode(enc, torch.zeros_like(queries), queries, tgt_mask)
+            references = [None] * len(out["hs"])
+        else:
+            if self.two_stage:
+                sel = self.query_selection(enc["memory"], enc["mask"], src.shape[-2:], self.class_embed[-1],
+                                           self.bbox_embed[-1], len(content))
+                outputs["enc_outputs"] = {"pred_logits": sel["enc_logits"], "pred_boxes": sel["enc_boxes"]}
+                anchors = sel["reference_boxes"]
+            else:
+                anchors = self.anchor_embed.weight
+                if self.uses_aux_queries:
+                    anchors = torch.cat([anchors, self.aux_anchor_embed.weight])
+                anchors = anchors.sigmoid().unsqueeze(0).expand(src.shape[0], -1, -1)
+            out = self.transformer.decode(enc, queries, None, tgt_mask, anchors, self.bbox_embed)
+            references = out["dec_references"]
+        logits, boxes = zip(*(self.layer_predictions(i, h, r) for i, (h, r) in enumerate(zip(out["hs"], references))))
+        outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1], transformer=out)
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if tgt_mask is not None:
@@ -183,9 +262,22 @@ class AQDETR(_SetPredictionDetector):
         return outputs
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
-        """Best non-background class per query: logits (B, Q, K + 1), boxes (B, Q, 4)."""
+        """Softmax: best non-background class per query; focal: top-k (query, class) pairs.
+        logits (B, Q, K + 1) or (B, Q, K), boxes (B, Q, 4)."""
+        if self.focal:
+            return self._topk_sigmoid_instances(logits, boxes, image_sizes, self.topk_test)
         scores, labels = F.softmax(logits, dim=-1)[..., :-1].max(-1)
         return [self._instances(s, l, b, size) for s, l, b, size in zip(scores, labels, boxes, image_sizes)]
+
+
+def _anchor_embedding(num: int) -> nn.Embedding:
+    """(num, 4) learned anchor boxes in logit space: centres spread uniformly, sizes 0.1."""
+    embed = nn.Embedding(num, 4)
+    with torch.no_grad():
+        embed.weight[:, :2].uniform_(0, 1)
+        embed.weight[:, :2] = inverse_sigmoid(embed.weight[:, :2])
+        embed.weight[:, 2:] = inverse_sigmoid(torch.full((num, 2), 0.1))
+    return embed
 
 
 @META_ARCH_REGISTRY.register()
@@ -259,9 +351,4 @@ class AQDeformableDETR(_SetPredictionDetector):
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
         """Top-k (query, class) pairs by sigmoid score: logits (B, Q, K), boxes (B, Q, 4)."""
-        batch, num_queries, num_classes = logits.shape
-        k = min(self.topk_test, num_queries * num_classes)
-        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)
-        labels = idx % num_classes
-        boxes = torch.gather(boxes, 1, (idx // num_classes).unsqueeze(-1).expand(-1, -1, 4))
-        return [self._instances(s, l, b, size) for s, l, b, size in zip(scores, labels, boxes, image_sizes)]
+        return self._topk_sigmoid_instances(logits, boxes, image_sizes, self.topk_test)

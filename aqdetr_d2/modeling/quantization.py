@@ -28,9 +28,11 @@ class QuantLayout:
 
 DETR_LAYOUT = QuantLayout(
     parts={"BACKBONE": ["backbone"], "ENCODER": ["transformer.encoder"], "DECODER": ["transformer.decoder"],
-           "HEADS": ["input_proj", "class_embed", "bbox_embed"]},
-    keep_fp=["backbone.stem.conv1", "input_proj", "class_embed", "bbox_embed.layers.2"],
-    unsigned_inputs=["backbone.res*", "transformer.*.linear2", "bbox_embed.layers.[12]"],
+           "HEADS": ["input_proj", "class_embed", "bbox_embed", "query_selection"]},
+    # "bbox_embed.*" patterns: one head per decoder layer with box refinement.
+    keep_fp=["backbone.stem.conv1", "input_proj", "class_embed", "bbox_embed.layers.2", "bbox_embed.*.layers.2"],
+    unsigned_inputs=["backbone.res*", "transformer.*.linear2", "bbox_embed.layers.[12]", "bbox_embed.*.layers.[12]",
+                     "transformer.decoder.ref_point_head.layers.1"],
 )
 
 DEFORMABLE_DETR_LAYOUT = QuantLayout(

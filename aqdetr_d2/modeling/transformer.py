@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.attention import MultiheadAttention
+from ..layers.box_ops import inverse_sigmoid
+from ..layers.mlp import MLP
+from ..layers.proposals import box_sine_embed
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -111,69 +114,125 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module):
+    """DETR's decoder; with `anchor_queries`, DAB-DETR-style anchor boxes and box refinement.
+
+    With anchor boxes each query carries a reference box; its position embedding is
+    `ref_point_head` of the box's sine embedding, recomputed before every layer from the box
+    the previous layer predicted (detached, as in Deformable-DETR's refinement).
+    """
+
+    def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module, anchor_queries: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.norm = norm
+        self.num_layers = num_layers
+        if anchor_queries:
+            d_model = norm.normalized_shape[0]
+            self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
 
     def forward(self, tgt, memory, tgt_mask=None, memory_key_padding_mask=None, pos=None,
-                query_pos=None):
-        """-> lists per layer of normalized outputs (Q, B, C), raw outputs (the next layer's
-        input), self-attention maps and cross-attention maps."""
-        states, raw_states, self_attns, cross_attns = [], [], [], []
-        for layer in self.layers:
+                query_pos=None, reference_boxes=None, box_heads=None) -> Dict[str, List[Tensor]]:
+        """
+        Args:
+            tgt: (Q, B, C) initial query content; memory, pos: (S, B, C).
+            query_pos: (Q, B, C) fixed query positions (plain DETR), or None with anchors.
+            reference_boxes: (B, Q, 4) normalized initial anchor boxes (with `anchor_queries`).
+            box_heads: per layer, a module (B, Q, C) -> (B, Q, 4) box correction in logit space.
+        Returns:
+            per layer, lists of "states" (Q, B, C) normalized outputs, "raw_states" (the next
+            layer's input), "self_attn", "cross_attn", "query_pos" (Q, B, C) and, with anchors,
+            "references" (B, Q, 4) the layer's input boxes and "boxes" (B, Q, 4) its output boxes.
+        """
+        anchors = reference_boxes is not None
+        if anchors and (box_heads is None or len(box_heads) < self.num_layers):
+            raise ValueError("anchor-box decoding needs one box head per decoder layer")
+        out = {k: [] for k in ("states", "raw_states", "self_attn", "cross_attn", "query_pos", "references", "boxes")}
+        for lid, layer in enumerate(self.layers):
+            if anchors:
+                query_pos = self.ref_point_head(box_sine_embed(reference_boxes, self.norm.normalized_shape[0] // 2))
+                query_pos = query_pos.transpose(0, 1)
             tgt, self_attn, cross_attn = layer(tgt, memory, tgt_mask=tgt_mask,
                                                memory_key_padding_mask=memory_key_padding_mask,
                                                pos=pos, query_pos=query_pos)
-            raw_states.append(tgt)
-            states.append(self.norm(tgt))
-            self_attns.append(self_attn)
-            cross_attns.append(cross_attn)
-        return states, raw_states, self_attns, cross_attns
+            state = self.norm(tgt)
+            for key, value in zip(("states", "raw_states", "self_attn", "cross_attn", "query_pos"),
+                                  (state, tgt, self_attn, cross_attn, query_pos)):
+                out[key].append(value)
+            if anchors:
+                boxes = (box_heads[lid](state.transpose(0, 1)) + inverse_sigmoid(reference_boxes)).sigmoid()
+                out["references"].append(reference_boxes)
+                out["boxes"].append(boxes)
+                reference_boxes = boxes.detach()
+        return out
 
 
 class Transformer(nn.Module):
-    """DETR's transformer. The decoder always returns every layer's (normalized) output."""
+    """DETR's transformer. The decoder always returns every layer's (normalized) output.
+
+    `encode` and `decode` run the two halves (two-stage query selection sits between them);
+    `forward` runs both with learned query positions, as DETR does.
+    """
 
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
-                 dim_feedforward=2048, dropout=0.1, normalize_before=False):
+                 dim_feedforward=2048, dropout=0.1, normalize_before=False, anchor_queries=False):
         super().__init__()
         enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.encoder = TransformerEncoder(enc_layer, num_encoder_layers,
                                           nn.LayerNorm(d_model) if normalize_before else None)
         dec_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        self.decoder = TransformerDecoder(dec_layer, num_decoder_layers, nn.LayerNorm(d_model))
+        self.decoder = TransformerDecoder(dec_layer, num_decoder_layers, nn.LayerNorm(d_model), anchor_queries)
         self.d_model = d_model
         self.nhead = nhead
+        self.anchor_queries = anchor_queries
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-                tgt_mask: Tensor = None) -> Dict[str, List[Tensor]]:
+    def encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor) -> Dict:
         """
         Args:
-            src: (B, C, H, W) projected features; mask: (B, H, W) bool, True on padding.
-            query_embed: (Q, C) learned query positions; pos_embed: (B, C, H, W).
-            tgt_mask: (Q, Q) bool, True where query i must not attend to query j.
+            src: (B, C, H, W) projected features; mask: (B, H, W) bool, True on padding;
+            pos_embed: (B, C, H, W).
         Returns:
-            dict with "hs" (L, B, Q, C) normalized decoder outputs, "memory" (S, B, C),
-            "enc_states" and "enc_attn" (per encoder layer, (S, B, C) and (B, H, S, S)),
-            "dec_raw_states" (per decoder layer (Q, B, C), before the shared norm),
-            "dec_self_attn" and "dec_cross_attn" (per decoder layer), and the layer inputs
-            "enc_input" (S, B, C), "pos" (S, B, C), "mask" (B, S), "query_pos" (Q, B, C), "tgt" (Q, B, C).
+            "memory" (S, B, C), "enc_states" and "enc_attn" (per encoder layer, (S, B, C) and
+            (B, H, S, S)), the encoder input "enc_input" (S, B, C), "pos" (S, B, C), "mask" (B, S).
         """
-        batch = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         mask = mask.flatten(1)
-        query_pos = query_embed.unsqueeze(1).repeat(1, batch, 1)
-        tgt = query_pos.new_zeros(query_pos.shape)
         memory, enc_states, enc_attn = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        states, raw_states, self_attn, cross_attn = self.decoder(
-            tgt, memory, tgt_mask=tgt_mask, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_pos)
-        hs = torch.stack(states).transpose(1, 2)  # (L, Q, B, C) -> (L, B, Q, C)
-        return {"hs": hs, "memory": memory, "enc_states": enc_states, "enc_attn": enc_attn,
-                "dec_raw_states": raw_states, "dec_self_attn": self_attn, "dec_cross_attn": cross_attn,
-                "enc_input": src, "pos": pos_embed, "mask": mask, "query_pos": query_pos, "tgt": tgt}
+        return {"memory": memory, "enc_states": enc_states, "enc_attn": enc_attn, "enc_input": src,
+                "pos": pos_embed, "mask": mask}
 
+    def decode(self, enc: Dict, tgt: Tensor, query_pos: Optional[Tensor] = None, tgt_mask: Tensor = None,
+               reference_boxes: Optional[Tensor] = None, box_heads=None) -> Dict:
+        """
+        Args:
+            enc: `encode`'s dict; tgt: (Q, B, C) initial query content.
+            query_pos: (Q, B, C) learned query positions (plain DETR; None with anchor boxes).
+            tgt_mask: (Q, Q) bool, True where query i must not attend to query j.
+            reference_boxes, box_heads: anchor boxes (B, Q, 4) and per-layer box heads.
+        Returns:
+            `enc` plus "hs" (L, B, Q, C) normalized decoder outputs, "dec_raw_states" (per decoder
+            layer (Q, B, C), before the shared norm), "dec_self_attn" and "dec_cross_attn" (per
+            decoder layer), "dec_query_pos" (per layer (Q, B, C)), the first layer's "query_pos"
+            and "tgt" (Q, B, C), and with anchor boxes "dec_references" and "dec_boxes" (per layer
+            (B, Q, 4), input and refined boxes).
+        """
+        dec = self.decoder(tgt, enc["memory"], tgt_mask=tgt_mask, memory_key_padding_mask=enc["mask"],
+                           pos=enc["pos"], query_pos=query_pos, reference_boxes=reference_boxes,
+                           box_heads=box_heads)
+        out = {**enc, "hs": torch.stack(dec["states"]).transpose(1, 2),  # (L, Q, B, C) -> (L, B, Q, C)
+               "dec_raw_states": dec["raw_states"], "dec_self_attn": dec["self_attn"],
+               "dec_cross_attn": dec["cross_attn"], "dec_query_pos": dec["query_pos"],
+               "query_pos": dec["query_pos"][0], "tgt": tgt}
+        if reference_boxes is not None:
+            out.update(dec_references=dec["references"], dec_boxes=dec["boxes"])
+        return out
+
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
+                tgt_mask: Tensor = None) -> Dict[str, List[Tensor]]:
+        """DETR: `encode`, then `decode` from zero content with query positions `query_embed` (Q, C)."""
+        enc = self.encode(src, mask, pos_embed)
+        query_pos = query_embed.unsqueeze(1).repeat(1, src.shape[0], 1)
+        return self.decode(enc, query_pos.new_zeros(query_pos.shape), query_pos, tgt_mask)

@@ -11,10 +11,15 @@ from detectron2.modeling import build_model
 from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.quant import LSQQuantizer
 
+# name -> (config, config node, extra overrides). The shapes DETR is two-stage with anchor boxes.
 ARCHS = {
-    "detr": ("shapes/detr_fp32.yaml", "DETR"),
-    "deformable": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR"),
+    "detr": ("shapes/detr_fp32.yaml", "DETR", {}),
+    "detr_anchors": ("shapes/detr_fp32.yaml", "DETR", {"MODEL.DETR.TWO_STAGE": False}),
+    "detr_plain": ("shapes/detr_fp32.yaml", "DETR", {"MODEL.DETR.TWO_STAGE": False, "MODEL.DETR.BOX_REFINE": False,
+                                                     "MODEL.DETR.FOCAL_LOSS": False}),
+    "deformable": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR", {}),
 }
+ALL_ARCHS = list(ARCHS)
 TERMS = {"loss_distill_enc_attn", "loss_distill_enc_out", "loss_distill_dec_hidden", "loss_distill_dec_cls",
          "loss_distill_dec_box"}
 
@@ -32,8 +37,8 @@ def _opts(d):
 def teacher_files(tmp_path, make_cfg, project_root):
     """Per architecture: (teacher yaml, teacher checkpoint) of a tiny random float model."""
     def make(arch, *extra):
-        config, node = ARCHS[arch]
-        overrides = {**_tiny(node), **dict(zip(extra[::2], extra[1::2]))}
+        config, node, arch_opts = ARCHS[arch]
+        overrides = {**_tiny(node), **arch_opts, **dict(zip(extra[::2], extra[1::2]))}
         yaml_path = tmp_path / f"teacher_{arch}.yaml"
         yaml_path.write_text(_nested_yaml(overrides, os.path.join(project_root, "configs", config)))
         teacher = build_model(make_cfg(config, *_opts(overrides)))
@@ -60,8 +65,8 @@ def _nested_yaml(overrides, base):
 
 
 def _student(make_cfg, arch, yaml, weights, *extra, overrides=None):
-    config, node = ARCHS[arch]
-    cfg = make_cfg(config, *_opts(overrides or _tiny(node)), "MODEL.DISTILL.ENABLED", "True",
+    config, node, arch_opts = ARCHS[arch]
+    cfg = make_cfg(config, *_opts(overrides or {**_tiny(node), **arch_opts}), "MODEL.DISTILL.ENABLED", "True",
                    "MODEL.DISTILL.TEACHER_CONFIG", yaml,
                    "MODEL.DISTILL.TEACHER_WEIGHTS", weights, *extra)
     model = build_model(cfg)
@@ -85,10 +90,10 @@ def _batch(gen, n=2):
 
 def _parallel_safe(arch, mode):
     # Two-stage teacher and student select different proposals: parallel mode cannot pair them.
-    return ("MODEL.DEFORMABLE_DETR.TWO_STAGE", False) if arch == "deformable" and mode == "parallel" else ()
+    return (f"MODEL.{ARCHS[arch][1]}.TWO_STAGE", False) if mode == "parallel" else ()
 
 
-@pytest.mark.parametrize("arch", ["detr", "deformable"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("mode", ["teacher_forced", "parallel"])
 def test_terms_vanish_for_identical_float_models(make_cfg, teacher_files, arch, mode):
     yaml, weights, overrides, _ = teacher_files(arch, *_parallel_safe(arch, mode))
@@ -101,7 +106,7 @@ def test_terms_vanish_for_identical_float_models(make_cfg, teacher_files, arch, 
         assert value.abs().item() < 1e-5, f"{name} = {value.item()}"
 
 
-@pytest.mark.parametrize("arch", ["detr", "deformable"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("mode", ["teacher_forced", "parallel"])
 def test_terms_are_positive_and_reach_step_sizes_when_quantized(make_cfg, teacher_files, arch, mode):
     yaml, weights, overrides, _ = teacher_files(arch, *_parallel_safe(arch, mode))
@@ -130,7 +135,7 @@ def _grad_norm(loss, params):
     return sum(float(g.pow(2).sum()) for g in grads if g is not None) ** 0.5
 
 
-@pytest.mark.parametrize("arch", ["detr", "deformable"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_attention_kl_gradient_is_bounded_at_low_bit(make_cfg, teacher_files, arch):
     # 2-bit attention maps are mostly exact zeros: a KL to them would be unbounded and its
     # straight-through gradient ~1/eps, which full-model gradient clipping turns into a step
@@ -160,9 +165,10 @@ def test_foreground_only_uses_matched_queries(make_cfg, teacher_files):
     assert fg["loss_distill_enc_attn"].item() == pytest.approx(everything["loss_distill_enc_attn"].item())
 
 
-def test_parallel_mode_refuses_two_stage_decoder(make_cfg, teacher_files):
-    yaml, weights, _, _ = teacher_files("deformable")
-    _, student = _student(make_cfg, "deformable", yaml, weights, "MODEL.DISTILL.MODE", "parallel")
+@pytest.mark.parametrize("arch", ["detr", "deformable"])
+def test_parallel_mode_refuses_two_stage_decoder(make_cfg, teacher_files, arch):
+    yaml, weights, overrides, _ = teacher_files(arch)
+    _, student = _student(make_cfg, arch, yaml, weights, "MODEL.DISTILL.MODE", "parallel", overrides=overrides)
     student.train()
     with pytest.raises(ValueError, match="two-stage"):
         student(_batch(torch.Generator().manual_seed(3)))
@@ -176,7 +182,7 @@ def test_missing_teacher_weights_is_a_clear_error(make_cfg, teacher_files):
 
 def test_teacher_of_another_architecture_is_rejected(make_cfg, teacher_files):
     yaml, weights, _, _ = teacher_files("deformable")
-    config, node = ARCHS["detr"]
+    config, node, _ = ARCHS["detr"]
     cfg = make_cfg(config, *_opts(_tiny(node)), "MODEL.DISTILL.ENABLED", "True",
                    "MODEL.DISTILL.TEACHER_CONFIG", yaml, "MODEL.DISTILL.TEACHER_WEIGHTS", weights)
     with pytest.raises(ValueError, match="does not match the student"):
@@ -185,7 +191,7 @@ def test_teacher_of_another_architecture_is_rejected(make_cfg, teacher_files):
 
 def test_teacher_of_another_size_is_rejected(make_cfg, teacher_files):
     yaml, weights, _, _ = teacher_files("detr")
-    config, node = ARCHS["detr"]
+    config, node, _ = ARCHS["detr"]
     cfg = make_cfg(config, *_opts(_tiny(node)), "MODEL.DETR.DEC_LAYERS", "3", "MODEL.DISTILL.ENABLED", "True",
                    "MODEL.DISTILL.TEACHER_CONFIG", yaml, "MODEL.DISTILL.TEACHER_WEIGHTS", weights)
     with pytest.raises(ValueError, match="DEC_LAYERS: student 3 vs teacher 2"):

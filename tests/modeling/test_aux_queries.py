@@ -15,12 +15,17 @@ from aqdetr_d2.modeling.matcher import HungarianMatcher
 NUM_QUERIES, NUM_AUX, K, DEC_LAYERS = 10, 24, 3, 2
 # name -> (config, config node, extra options)
 ARCHS = {
-    "detr": ("shapes/detr_fp32.yaml", "DETR", ()),
+    "detr": ("shapes/detr_fp32.yaml", "DETR", ()),  # two-stage, anchor boxes, focal loss
+    "detr_anchors": ("shapes/detr_fp32.yaml", "DETR", ("MODEL.DETR.TWO_STAGE", "False")),
+    "detr_plain": ("shapes/detr_fp32.yaml", "DETR", ("MODEL.DETR.TWO_STAGE", "False", "MODEL.DETR.BOX_REFINE", "False",
+                                                     "MODEL.DETR.FOCAL_LOSS", "False")),
     "deformable_two_stage": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR", ()),
     "deformable_plain": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR",
                          ("MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE", "False", "MODEL.DEFORMABLE_DETR.TWO_STAGE", "False")),
 }
-WITH_EMBEDDING = ["detr", "deformable_plain"]  # two-stage aux queries are encoder proposals
+# Two-stage Deformable-DETR's aux queries are encoder proposals; DETR's keep learned content.
+WITH_EMBEDDING = ["detr", "detr_anchors", "detr_plain", "deformable_plain"]
+TWO_STAGE = ["detr", "deformable_two_stage"]
 
 
 def _cfg(make_cfg, arch, aux=True, mode="group", *opts):
@@ -50,7 +55,7 @@ def _twin_without_aux(make_cfg, arch, model, mode="group"):
     """A model without auxiliary queries holding `model`'s other weights."""
     twin = build_model(_cfg(make_cfg, arch, False, mode))
     result = twin.load_state_dict(model.state_dict(), strict=False)
-    assert not result.missing_keys and set(result.unexpected_keys) <= {"aux_query_embed.weight"}
+    assert not result.missing_keys and set(result.unexpected_keys) <= {"aux_query_embed.weight", "aux_anchor_embed.weight"}
     return twin
 
 
@@ -202,8 +207,8 @@ def test_object_queries_unaffected_by_aux_queries(make_cfg, arch):
         assert extra["pred_logits"].shape[:2] == extra["pred_boxes"].shape[:2] == (2, NUM_AUX)
 
     # The transformer dicts are cut too: the object part equals the forward without aux queries.
-    key = "transformer" if arch == "detr" else "transformer_out"
-    axes = DETR_QUERY_AXES if arch == "detr" else DEFORMABLE_DETR_QUERY_AXES
+    key = "transformer" if arch.startswith("detr") else "transformer_out"
+    axes = DETR_QUERY_AXES if arch.startswith("detr") else DEFORMABLE_DETR_QUERY_AXES
     tr, tr_ref, tr_aux = out[key], ref[key], aux[key]
     assert set(tr) == set(tr_ref) == set(tr_aux)
     for name, want in tr_ref.items():
@@ -237,7 +242,7 @@ def test_training_losses_named_finite_with_gradients(make_cfg, arch, mode):
     base = {"loss_ce", "loss_bbox", "loss_giou"}
     per_layer = base | {f"{k}_{i}" for k in base for i in range(DEC_LAYERS - 1)}
     expected = per_layer | {f"{k}_aux" for k in per_layer}
-    if arch == "deformable_two_stage":
+    if arch in TWO_STAGE:
         expected |= {f"{k}_enc" for k in base}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
@@ -249,12 +254,12 @@ def test_training_losses_named_finite_with_gradients(make_cfg, arch, mode):
         assert grad is not None and grad.abs().sum() > 0
     else:
         assert model.aux_query_embed is None
-    decoder = "transformer.decoder" if arch == "detr" else "detector.transformer.decoder"
+    decoder = "transformer.decoder" if arch.startswith("detr") else "detector.transformer.decoder"
     grad = params[f"{decoder}.layers.{DEC_LAYERS - 1}.self_attn.q_proj.weight"].grad
     assert grad is not None and grad.abs().sum() > 0
     if arch in WITH_EMBEDDING:
         # object queries take no part in the aux loss (masked apart)
-        query_embed = model.query_embed if arch == "detr" else model.detector.query_embed
+        query_embed = model.detector.query_embed if arch == "deformable_plain" else model.query_embed
         assert query_embed.weight.grad is None or query_embed.weight.grad.abs().sum() == 0
 
 
@@ -287,18 +292,19 @@ def test_inference_identical_without_aux_queries(make_cfg, arch, tmp_path, monke
         assert torch.equal(g.scores, w.scores) and torch.equal(g.pred_classes, w.pred_classes)
 
 
-def test_two_stage_rejects_more_proposals_than_positions(make_cfg):
-    model = build_model(_cfg(make_cfg, "deformable_two_stage", True, "group",
+@pytest.mark.parametrize("arch", TWO_STAGE)
+def test_two_stage_rejects_more_proposals_than_positions(make_cfg, arch):
+    model = build_model(_cfg(make_cfg, arch, True, "group",
                              "MODEL.AUX_QUERIES.NUM_QUERIES", "300")).train()
     with pytest.raises(ValueError, match="proposals"):
         model(_batch())
 
 
-@pytest.mark.parametrize("arch", ["detr", "deformable_two_stage"])
+@pytest.mark.parametrize("arch", ["detr", "detr_plain", "deformable_two_stage"])
 def test_quantized_model_trains_one_step_with_aux_queries(make_cfg, arch):
     cfg = _cfg(make_cfg, arch, True, "hybrid", "MODEL.QUANT.ENABLED", "True")
     model = build_model(cfg).train()
-    decoder = model.transformer.decoder if arch == "detr" else model.detector.transformer.decoder
+    decoder = model.transformer.decoder if arch.startswith("detr") else model.detector.transformer.decoder
     q_quant = decoder.layers[0].self_attn.q_quant
     assert not isinstance(q_quant, torch.nn.Identity)
     seen = []
