@@ -1,0 +1,182 @@
+"""DETR's optional convergence aids: focal loss, anchor-box queries with refinement, two-stage selection."""
+import math
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from aqdetr_d2.layers.box_ops import inverse_sigmoid
+from aqdetr_d2.layers.proposals import box_sine_embed, encoder_proposals
+from aqdetr_d2.quant import QuantLinear
+
+NUM_QUERIES, DEC_LAYERS = 6, 3
+MODES = {
+    "two_stage": (),
+    "anchors": ("MODEL.DETR.TWO_STAGE", "False"),
+    "focal_only": ("MODEL.DETR.TWO_STAGE", "False", "MODEL.DETR.BOX_REFINE", "False"),
+}
+
+
+def _cfg(make_cfg, *opts):
+    return make_cfg("shapes/detr_fp32.yaml", "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.NHEADS", "4",
+                    "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.ENC_LAYERS", "1",
+                    "MODEL.DETR.DEC_LAYERS", str(DEC_LAYERS), "MODEL.DETR.NUM_OBJECT_QUERIES", str(NUM_QUERIES),
+                    "MODEL.DETR.TOPK_TEST", "7", *opts)
+
+
+def _perturb(model):
+    """Random box heads: they start at zero, which would make every refinement an identity."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bbox_embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    batch = []
+    for h, w in [(64, 80), (56, 64)]:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor([[4.0, 4, 30, 30], [20, 10, 50, 40]]))
+        inst.gt_classes = torch.tensor([1, 3])
+        batch.append({"image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8),
+                      "height": h, "width": w, "instances": inst})
+    return batch
+
+
+def test_box_sine_embed_matches_naive_formula():
+    boxes = torch.tensor([[0.3, 0.7, 0.1, 0.45], [0.0, 1.0, 0.5, 0.25]])
+    feats = 8
+    got = box_sine_embed(boxes, feats)
+    assert got.shape == (2, 4 * feats)
+    for b in range(2):
+        want = []
+        for c in boxes[b].tolist():
+            for k in range(feats // 2):
+                angle = c * 2 * math.pi / 10000 ** (2 * k / feats)
+                want += [math.sin(angle), math.cos(angle)]
+        torch.testing.assert_close(got[b], torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_proposals_match_naive_loop():
+    # Two levels; image 1 is padded on the right and bottom of each level.
+    shapes = [(4, 5), (2, 3)]
+    masks = []
+    for h, w in shapes:
+        m = torch.zeros(2, h, w, dtype=torch.bool)
+        m[1, h - 1:, :] = True
+        m[1, :, w - 2:] = True
+        masks.append(m.flatten(1))
+    proposals, valid = encoder_proposals(torch.cat(masks, 1), torch.tensor(shapes))
+    assert proposals.shape == (2, 20 + 6, 4) and valid.shape == (2, 26, 1)
+    for b in range(2):
+        s = 0
+        for lvl, (h, w) in enumerate(shapes):
+            vh, vw = (h - 1, w - 2) if b == 1 else (h, w)
+            for y in range(h):
+                for x in range(w):
+                    box = [(x + 0.5) / vw, (y + 0.5) / vh, 0.05 * 2 ** lvl, 0.05 * 2 ** lvl]
+                    ok = y < vh and x < vw and all(0.01 < v < 0.99 for v in box)
+                    assert bool(valid[b, s, 0]) == ok, (b, lvl, y, x)
+                    if ok:
+                        want = torch.logit(torch.tensor(box))
+                        torch.testing.assert_close(proposals[b, s], want, rtol=1e-5, atol=1e-5)
+                    else:
+                        assert torch.isinf(proposals[b, s]).all()
+                    s += 1
+
+
+@pytest.mark.parametrize("mode", ["two_stage", "anchors"])
+def test_each_layer_refines_the_previous_layers_boxes(make_cfg, mode):
+    model = _perturb(build_model(_cfg(make_cfg, *MODES[mode]))).eval()
+    with torch.no_grad():
+        out = model.predict(model.preprocess_image(_batch()))
+    tr = out["transformer"]
+    refs, boxes = tr["dec_references"], tr["dec_boxes"]
+    assert len(refs) == len(boxes) == DEC_LAYERS
+    for lvl in range(DEC_LAYERS):
+        want = (model.bbox_embed[lvl](tr["hs"][lvl]) + inverse_sigmoid(refs[lvl])).sigmoid()
+        torch.testing.assert_close(boxes[lvl], want)
+        if lvl + 1 < DEC_LAYERS:
+            torch.testing.assert_close(refs[lvl + 1], boxes[lvl])
+            assert not torch.equal(refs[lvl + 1], refs[lvl])
+        # The query position is the anchor's sine embedding through ref_point_head.
+        pos = model.transformer.decoder.ref_point_head(box_sine_embed(refs[lvl], 16)).transpose(0, 1)
+        torch.testing.assert_close(tr["dec_query_pos"][lvl], pos)
+    torch.testing.assert_close(out["pred_boxes"], boxes[-1])
+    assert out["pred_logits"].shape[-1] == 5  # focal: no "no-object" class
+    if mode == "anchors":
+        torch.testing.assert_close(refs[0][0], model.anchor_embed.weight.sigmoid())
+
+
+def test_refinement_does_not_backpropagate_through_references(make_cfg):
+    model = _perturb(build_model(_cfg(make_cfg, *MODES["anchors"]))).train()
+    out = model.predict(model.preprocess_image(_batch()))
+    tr = out["transformer"]
+    assert all(not r.requires_grad for r in tr["dec_references"][1:])
+    # The first layer's boxes become the next anchors only detached, as in Deformable-DETR.
+    grad = torch.autograd.grad(out["pred_boxes"].sum(), tr["dec_boxes"][0], allow_unused=True)[0]
+    assert grad is None
+    assert tr["dec_boxes"][0].requires_grad
+
+
+def test_two_stage_anchors_are_the_best_scored_proposals(make_cfg):
+    model = _perturb(build_model(_cfg(make_cfg))).eval()
+    with torch.no_grad():
+        out = model.predict(model.preprocess_image(_batch()))
+    enc = out["enc_outputs"]
+    refs = out["transformer"]["dec_references"][0]
+    for b in range(2):
+        order = sorted(range(enc["pred_logits"].shape[1]), key=lambda i: -float(enc["pred_logits"][b, i, 0]))
+        torch.testing.assert_close(refs[b], enc["pred_boxes"][b, order[:NUM_QUERIES]])
+
+
+def test_focal_inference_keeps_the_top_query_class_pairs(make_cfg):
+    model = _perturb(build_model(_cfg(make_cfg, *MODES["focal_only"]))).eval()
+    batch = _batch()
+    with torch.no_grad():
+        out = model.predict(model.preprocess_image(batch))
+        results = model(batch)
+    for b, r in enumerate(results):
+        probs = out["pred_logits"][b].sigmoid()
+        pairs = sorted(((float(probs[q, c]), q, c) for q in range(NUM_QUERIES) for c in range(5)), reverse=True)[:7]
+        inst = r["instances"]
+        assert len(inst) == 7
+        torch.testing.assert_close(inst.scores, torch.tensor([p[0] for p in pairs]))
+        assert inst.pred_classes.tolist() == [p[2] for p in pairs]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_losses_finite_and_named(make_cfg, mode):
+    model = build_model(_cfg(make_cfg, *MODES[mode])).train()
+    losses = model(_batch())
+    base = {"loss_ce", "loss_bbox", "loss_giou"}
+    expected = base | {f"{k}_{i}" for k in base for i in range(DEC_LAYERS - 1)}
+    if mode == "two_stage":
+        expected |= {f"{k}_enc" for k in base}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("opts,match", [
+    (("MODEL.DETR.BOX_REFINE", "False"), "TWO_STAGE needs MODEL.DETR.BOX_REFINE"),
+    (("MODEL.DETR.FOCAL_LOSS", "False"), "TWO_STAGE needs MODEL.DETR.BOX_REFINE and MODEL.DETR.FOCAL_LOSS"),
+])
+def test_two_stage_without_its_prerequisites_is_a_clear_error(make_cfg, opts, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(_cfg(make_cfg, *opts))
+
+
+def test_quantized_heads_follow_the_layout(make_cfg):
+    model = build_model(_cfg(make_cfg, "MODEL.QUANT.ENABLED", "True"))
+    modules = dict(model.named_modules())
+    for lvl in range(DEC_LAYERS + 1):
+        assert not isinstance(modules[f"class_embed.{lvl}"], QuantLinear)
+        assert not isinstance(modules[f"bbox_embed.{lvl}.layers.2"], QuantLinear)
+        assert isinstance(modules[f"bbox_embed.{lvl}.layers.0"], QuantLinear)
+    assert isinstance(modules["transformer.decoder.ref_point_head.layers.0"], QuantLinear)
+    assert isinstance(modules["query_selection.enc_output"], QuantLinear)
