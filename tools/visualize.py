@@ -103,6 +103,11 @@ def is_deformable(model) -> bool:
     return hasattr(model, "detector")
 
 
+def is_two_stage(model) -> bool:
+    """Decoder queries selected from encoder proposals (they differ between two models)."""
+    return model.detector.two_stage if is_deformable(model) else model.two_stage
+
+
 def input_rgb(cfg, inputs: Dict) -> np.ndarray:
     """The (test-resized) model input of one image as RGB uint8 (H, W, 3)."""
     return convert_image_to_rgb(inputs["image"].permute(1, 2, 0).cpu().numpy(), cfg.INPUT.FORMAT).astype(np.uint8)
@@ -134,10 +139,10 @@ def cmd_predictions(args) -> str:
                                col_titles=["ground truth", "predictions"], title=title)
 
 
-def _scores(outputs, deformable: bool):
-    """(Q,) best-class score per query of image 0."""
+def _scores(outputs, sigmoid: bool):
+    """(Q,) best-class score per query of image 0: sigmoid (focal loss) or softmax with no-object."""
     logits = outputs["pred_logits"][0].float()
-    probs = logits.sigmoid() if deformable else logits.softmax(-1)[:, :-1]
+    probs = logits.sigmoid() if sigmoid else logits.softmax(-1)[:, :-1]
     return probs.max(-1).values
 
 
@@ -162,13 +167,14 @@ def cmd_attention(args) -> str:
             runs.append((label, images, outputs, None))
     hw = tuple(runs[0][1].image_sizes[0])
 
-    two_stage = deformable and student.detector.two_stage
-    teacher_scores = _scores(runs[0][2], deformable)
+    two_stage = is_two_stage(student)
+    sigmoid = student.criterion.focal
+    teacher_scores = _scores(runs[0][2], sigmoid)
     shared = teacher_scores.argsort(descending=True)[:args.num_queries].tolist()
     ncols = args.num_queries + (0 if deformable else 1)
     fig, axes = vis.new_figure(2, ncols, (3.0, 3.0))
     for row, (label, images, outputs, sampling) in enumerate(runs):
-        scores = _scores(outputs, deformable)
+        scores = _scores(outputs, sigmoid)
         logits = outputs["pred_logits"][0]
         queries = scores.argsort(descending=True)[:args.num_queries].tolist() if two_stage else shared
         boxes = boxes_xyxy(outputs["pred_boxes"][0], hw)
@@ -177,7 +183,7 @@ def cmd_attention(args) -> str:
             raise SystemExit(f"error: --layer {args.layer} out of range for {len(layers)} decoder layers")
         layer_id = args.layer % len(layers)
         for col, q in enumerate(queries):
-            cls = int(logits[q].float().sigmoid().argmax() if deformable else logits[q, :-1].float().argmax())
+            cls = int(logits[q].float().argmax() if sigmoid else logits[q, :-1].float().argmax())
             cls_name = classes[cls] if classes and cls < len(classes) else str(cls)
             title = f"{label}\ndec layer {layer_id}, query {q}: {cls_name} {float(scores[q]):.2f}"
             if deformable:
@@ -225,7 +231,8 @@ def cmd_histograms(args) -> str:
             states[key].append(vis.query_hidden_states(outputs)[:, 0].float().cpu())  # (L, Q, C)
     teacher_hs = torch.stack(states["teacher"], 1)  # (L, N, Q, C)
     student_hs = torch.stack(states["student"], 1)
-    paired = not (is_deformable(student) and student.detector.two_stage)
+    # Two-stage teacher and student pick different proposals: their queries do not pair up.
+    paired = not is_two_stage(student)
     stats = vis.query_histograms([t.numpy() for t in teacher_hs], [s.numpy() for s in student_hs], args.output,
                                  labels=("teacher fp32", f"student {vis.describe_precision(cfg)}"),
                                  paired=paired, bins=args.bins,

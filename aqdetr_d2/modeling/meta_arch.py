@@ -139,7 +139,8 @@ class AQDETR(_SetPredictionDetector):
     - `focal`: per-class sigmoid classification with focal loss (no "no-object" class);
     - `box_refine`: anchor boxes as query positions (DAB-DETR), refined by one box head per
       decoder layer (Deformable-DETR); `query_embed` then holds query content, not positions;
-    - `two_stage`: the anchors are the best encoder proposals (`EncoderQuerySelection`).
+    - `two_stage`: the best encoder proposals give the anchors and, from their encoder
+      features, the query content (`EncoderQuerySelection`); no query embedding is learned.
     """
 
     @configurable
@@ -161,7 +162,8 @@ class AQDETR(_SetPredictionDetector):
         self.transformer = transformer
         self.position_embedding = PositionEmbeddingSine(hidden // 2, normalize=True)
         self.input_proj = nn.Conv2d(backbone.output_shape()[in_feature].channels, hidden, kernel_size=1)
-        self.query_embed = nn.Embedding(num_queries, hidden)
+        self.num_queries = num_queries
+        self.query_embed = None if two_stage else nn.Embedding(num_queries, hidden)
         self.focal, self.box_refine, self.two_stage = focal, box_refine, two_stage
         self.topk_test = topk_test
         self.deep_supervision = deep_supervision
@@ -181,8 +183,11 @@ class AQDETR(_SetPredictionDetector):
             self.class_embed, self.bbox_embed = class_embed, bbox_embed
         self.query_selection = EncoderQuerySelection(hidden) if two_stage else None
         self.anchor_embed = _anchor_embedding(num_queries) if box_refine and not two_stage else None
-        # Created last, so that the other parameters are initialised as without them.
-        self.aux_query_embed = nn.Embedding(aux_queries.num_queries, hidden) if aux_queries else None
+        # Created last, so that the other parameters are initialised as without them. In two-stage
+        # the auxiliary queries are the next-best proposals (H-DETR) and need no embedding.
+        self.aux_query_embed = None
+        if aux_queries and not two_stage:
+            self.aux_query_embed = nn.Embedding(aux_queries.num_queries, hidden)
         self.aux_anchor_embed = None
         if aux_queries and self.anchor_embed is not None:
             self.aux_anchor_embed = _anchor_embedding(aux_queries.num_queries)
@@ -231,34 +236,36 @@ class AQDETR(_SetPredictionDetector):
         src, mask = features[-1], masks[-1]
         pos = self.position_embedding(mask).to(src.dtype)
         enc = self.transformer.encode(self.input_proj(src), mask, pos)
-        content, anchors, tgt_mask = self.query_embed.weight, self.anchor_embed, None
+        batch, tgt_mask, outputs = src.shape[0], None, {}
+        num_queries = self.num_queries + (self.aux_queries.num_queries if self.uses_aux_queries else 0)
         if self.uses_aux_queries:
-            tgt_mask = self.aux_queries.self_attn_mask(len(content), content.device)
-            content = torch.cat([content, self.aux_query_embed.weight])
-        queries = content.unsqueeze(1).repeat(1, src.shape[0], 1)  # (Q, B, C)
-        outputs = {}
-        if not self.box_refine:
-            out = self.transformer.decode(enc, torch.zeros_like(queries), queries, tgt_mask)
-            references = [None] * len(out["hs"])
+            tgt_mask = self.aux_queries.self_attn_mask(self.num_queries, self.device)
+        if self.two_stage:
+            sel = self.query_selection(enc["memory"], enc["mask"], src.shape[-2:], self.class_embed[-1],
+                                       self.bbox_embed[-1], num_queries)
+            outputs["enc_outputs"] = {"pred_logits": sel["enc_logits"], "pred_boxes": sel["enc_boxes"]}
+            out = self.transformer.decode(enc, sel["content"].transpose(0, 1), None, tgt_mask,
+                                          sel["reference_boxes"], self.bbox_embed)
         else:
-            if self.two_stage:
-                sel = self.query_selection(enc["memory"], enc["mask"], src.shape[-2:], self.class_embed[-1],
-                                           self.bbox_embed[-1], len(content))
-                outputs["enc_outputs"] = {"pred_logits": sel["enc_logits"], "pred_boxes": sel["enc_boxes"]}
-                anchors = sel["reference_boxes"]
+            content = self.query_embed.weight
+            if self.uses_aux_queries:
+                content = torch.cat([content, self.aux_query_embed.weight])
+            queries = content.unsqueeze(1).repeat(1, batch, 1)  # (Q, B, C)
+            if not self.box_refine:
+                out = self.transformer.decode(enc, torch.zeros_like(queries), queries, tgt_mask)
             else:
                 anchors = self.anchor_embed.weight
                 if self.uses_aux_queries:
                     anchors = torch.cat([anchors, self.aux_anchor_embed.weight])
-                anchors = anchors.sigmoid().unsqueeze(0).expand(src.shape[0], -1, -1)
-            out = self.transformer.decode(enc, queries, None, tgt_mask, anchors, self.bbox_embed)
-            references = out["dec_references"]
+                anchors = anchors.sigmoid().unsqueeze(0).expand(batch, -1, -1)
+                out = self.transformer.decode(enc, queries, None, tgt_mask, anchors, self.bbox_embed)
+        references = out.get("dec_references", [None] * len(out["hs"]))
         logits, boxes = zip(*(self.layer_predictions(i, h, r) for i, (h, r) in enumerate(zip(out["hs"], references))))
         outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1], transformer=out)
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if tgt_mask is not None:
-            outputs = split_query_outputs(outputs, self.query_embed.num_embeddings, "transformer", DETR_QUERY_AXES)
+            outputs = split_query_outputs(outputs, self.num_queries, "transformer", DETR_QUERY_AXES)
         return outputs
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:

@@ -12,9 +12,9 @@ class EncoderQuerySelection(nn.Module):
 
     As in two-stage Deformable-DETR, the memory goes through `enc_output` + `enc_output_norm`,
     a class head scores each proposal (its first class acts as objectness, trained with
-    class-agnostic targets) and a box head corrects the proposal box; the top-scoring boxes,
-    detached, become the decoder's anchors. Query content stays learned (DINO's mixed query
-    selection), so auxiliary queries can take the next-best proposals with their own content.
+    class-agnostic targets) and a box head corrects the proposal box. The top-scoring boxes
+    become the decoder's anchors and their features its query content, both detached (as in
+    RT-DETR), so the encoder is trained on proposals by the encoder loss alone.
     """
 
     def __init__(self, d_model: int):
@@ -32,7 +32,8 @@ class EncoderQuerySelection(nn.Module):
             num_queries: proposals kept (object queries first, then auxiliary ones).
         Returns:
             "enc_logits" (B, S, K), "enc_boxes" (B, S, 4) normalized proposal boxes (1 where
-            invalid), "reference_boxes" (B, num_queries, 4) detached, best first.
+            invalid), and of the best `num_queries` proposals, best first and detached,
+            "reference_boxes" (B, num_queries, 4) and "content" (B, num_queries, C).
         """
         if num_queries > memory.shape[0]:
             raise ValueError(f"two-stage selects {num_queries} proposals (object + auxiliary queries) but the "
@@ -43,5 +44,6 @@ class EncoderQuerySelection(nn.Module):
         boxes_unact = box_head(output) + proposals
         topk = torch.topk(logits[..., 0], num_queries, dim=1)[1]
         selected = torch.gather(boxes_unact, 1, topk[..., None].expand(-1, -1, 4))
-        # No gradient from the decoder into the proposals: they are trained by the encoder loss only.
-        return {"enc_logits": logits, "enc_boxes": boxes_unact.sigmoid(), "reference_boxes": selected.detach().sigmoid()}
+        content = torch.gather(output, 1, topk[..., None].expand(-1, -1, output.shape[-1]))
+        return {"enc_logits": logits, "enc_boxes": boxes_unact.sigmoid(),
+                "reference_boxes": selected.detach().sigmoid(), "content": content.detach()}

@@ -23,8 +23,8 @@ ARCHS = {
     "deformable_plain": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR",
                          ("MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE", "False", "MODEL.DEFORMABLE_DETR.TWO_STAGE", "False")),
 }
-# Two-stage Deformable-DETR's aux queries are encoder proposals; DETR's keep learned content.
-WITH_EMBEDDING = ["detr", "detr_anchors", "detr_plain", "deformable_plain"]
+# Two-stage auxiliary queries are the next-best encoder proposals: no embedding.
+WITH_EMBEDDING = ["detr_anchors", "detr_plain", "deformable_plain"]
 TWO_STAGE = ["detr", "deformable_two_stage"]
 
 

@@ -124,15 +124,24 @@ def test_refinement_does_not_backpropagate_through_references(make_cfg):
     assert tr["dec_boxes"][0].requires_grad
 
 
-def test_two_stage_anchors_are_the_best_scored_proposals(make_cfg):
+def test_two_stage_queries_are_the_best_scored_proposals(make_cfg):
     model = _perturb(build_model(_cfg(make_cfg))).eval()
+    images = model.preprocess_image(_batch())
     with torch.no_grad():
-        out = model.predict(model.preprocess_image(_batch()))
+        out = model.predict(images)
+        tr = out["transformer"]
+        # Encoder features of every position, as the selection computes them (res3: stride 8).
+        shape = (images.tensor.shape[-2] // 8, images.tensor.shape[-1] // 8)
+        _, valid = encoder_proposals(tr["mask"], [shape])
+        sel = model.query_selection
+        features = sel.enc_output_norm(sel.enc_output(tr["memory"].transpose(0, 1).masked_fill(~valid, 0.0)))
     enc = out["enc_outputs"]
-    refs = out["transformer"]["dec_references"][0]
     for b in range(2):
         order = sorted(range(enc["pred_logits"].shape[1]), key=lambda i: -float(enc["pred_logits"][b, i, 0]))
-        torch.testing.assert_close(refs[b], enc["pred_boxes"][b, order[:NUM_QUERIES]])
+        best = order[:NUM_QUERIES]
+        torch.testing.assert_close(tr["dec_references"][0][b], enc["pred_boxes"][b, best])
+        torch.testing.assert_close(tr["tgt"][:, b], features[b, best])
+    assert model.query_embed is None
 
 
 def test_focal_inference_keeps_the_top_query_class_pairs(make_cfg):
