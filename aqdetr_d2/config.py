@@ -38,6 +38,7 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.DETR.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha (with FOCAL_LOSS)
     cfg.MODEL.DETR.BOX_REFINE = False  # anchor boxes as query positions, refined by a head per decoder layer
     cfg.MODEL.DETR.TWO_STAGE = False  # anchors from the best encoder proposals (needs BOX_REFINE, FOCAL_LOSS)
+    cfg.MODEL.DETR.SPATIAL_PRIOR = False  # Gaussian around each anchor box on cross-attention logits (SMCA; BOX_REFINE)
     cfg.MODEL.DETR.TOPK_TEST = 100  # with FOCAL_LOSS: (query, class) detections kept per image
 
     cfg.MODEL.DEFORMABLE_DETR = CN()

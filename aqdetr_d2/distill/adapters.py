@@ -90,11 +90,13 @@ class DETRAdapter:
         """Each teacher decoder layer on the student's queries, query positions (and anchors) and memory."""
         inputs = [tr["tgt"]] + tr["dec_raw_states"][:-1]
         references = tr.get("dec_references", [None] * len(inputs))
+        priors = tr.get("dec_cross_attn_prior", [None] * len(inputs))
         memory, pos = tr["memory"].detach(), tr["pos"].detach()
         t_hidden, t_preds = [], []
         for lid, layer in enumerate(teacher.transformer.decoder.layers):
             raw, _, _ = layer(inputs[lid].detach(), memory, memory_key_padding_mask=tr["mask"], pos=pos,
-                              query_pos=tr["dec_query_pos"][lid].detach())
+                              query_pos=tr["dec_query_pos"][lid].detach(),
+                              memory_mask=None if priors[lid] is None else priors[lid].detach())
             hidden = teacher.transformer.decoder.norm(raw).transpose(0, 1)
             reference = None if references[lid] is None else references[lid].detach()
             logits, boxes = teacher.layer_predictions(lid, hidden, reference)

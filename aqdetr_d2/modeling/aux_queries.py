@@ -114,6 +114,7 @@ DETR_QUERY_AXES: Dict[str, Union[int, str]] = {
     "dec_query_pos": 0,  # per layer (Q, B, C)
     "dec_references": 1,  # per layer (B, Q, 4), with anchor boxes
     "dec_boxes": 1,  # per layer (B, Q, 4), with anchor boxes
+    "dec_cross_attn_prior": 2,  # per layer (B, 1, Q, S), with the spatial prior
     "query_pos": 0,  # (Q, B, C)
     "tgt": 0,  # (Q, B, C)
 }

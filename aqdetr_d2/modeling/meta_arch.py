@@ -140,7 +140,9 @@ class AQDETR(_SetPredictionDetector):
     - `box_refine`: anchor boxes as query positions (DAB-DETR), refined by one box head per
       decoder layer (Deformable-DETR); `query_embed` then holds query content, not positions;
     - `two_stage`: the best encoder proposals give the anchors and, from their encoder
-      features, the query content (`EncoderQuerySelection`); no query embedding is learned.
+      features, the query content (`EncoderQuerySelection`); no query embedding is learned;
+    - the transformer's `spatial_prior`: a Gaussian around each anchor box added to the
+      decoder cross-attention logits (SMCA), so attention starts local.
     """
 
     @configurable
@@ -204,7 +206,8 @@ class AQDETR(_SetPredictionDetector):
             "backbone": build_detr_backbone(cfg, [d.IN_FEATURE]),
             "in_feature": d.IN_FEATURE,
             "transformer": Transformer(d.HIDDEN_DIM, d.NHEADS, d.ENC_LAYERS, d.DEC_LAYERS,
-                                       d.DIM_FEEDFORWARD, d.DROPOUT, d.PRE_NORM, anchor_queries=d.BOX_REFINE),
+                                       d.DIM_FEEDFORWARD, d.DROPOUT, d.PRE_NORM, anchor_queries=d.BOX_REFINE,
+                                       spatial_prior=d.SPATIAL_PRIOR),
             "num_classes": d.NUM_CLASSES,
             "num_queries": d.NUM_OBJECT_QUERIES,
             "criterion": SetCriterion(d.NUM_CLASSES, matcher, d.CLASS_WEIGHT, d.L1_WEIGHT,

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from aqdetr_d2.layers.box_ops import inverse_sigmoid
-from aqdetr_d2.layers.proposals import box_sine_embed, encoder_proposals
+from aqdetr_d2.layers.proposals import box_sine_embed, encoder_proposals, gaussian_attention_prior
 from aqdetr_d2.quant import QuantLinear
 
 NUM_QUERIES, DEC_LAYERS = 6, 3
@@ -60,6 +60,19 @@ def test_box_sine_embed_matches_naive_formula():
                 angle = c * 2 * math.pi / 10000 ** (2 * k / feats)
                 want += [math.sin(angle), math.cos(angle)]
         torch.testing.assert_close(got[b], torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_attention_prior_matches_naive_formula():
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.1, 0.9, 0.01, 0.3]]])
+    centers = torch.tensor([[[0.5, 0.5], [0.7, 0.5], [0.1, 0.95], [0.9, 0.1]]])
+    got = gaussian_attention_prior(boxes, centers, min_size=0.1)
+    assert got.shape == (1, 1, 2, 4)
+    for q, (cx, cy, w, h) in enumerate(boxes[0].tolist()):
+        sx, sy = max(w / 2, 0.05), max(h / 2, 0.05)
+        for s, (x, y) in enumerate(centers[0].tolist()):
+            want = -0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2)
+            assert got[0, 0, q, s].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert got[0, 0, 0, 0] == 0  # no penalty at the box centre
 
 
 def test_encoder_proposals_match_naive_loop():
