@@ -16,7 +16,7 @@ ARCHS = {
     "detr": ("shapes/detr_fp32.yaml", "DETR", {}),
     "detr_anchors": ("shapes/detr_fp32.yaml", "DETR", {"MODEL.DETR.TWO_STAGE": False}),
     "detr_plain": ("shapes/detr_fp32.yaml", "DETR", {"MODEL.DETR.TWO_STAGE": False, "MODEL.DETR.BOX_REFINE": False,
-                                                     "MODEL.DETR.FOCAL_LOSS": False}),
+                                                     "MODEL.DETR.FOCAL_LOSS": False, "MODEL.DETR.SPATIAL_PRIOR": False}),
     "deformable": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR", {}),
 }
 ALL_ARCHS = list(ARCHS)

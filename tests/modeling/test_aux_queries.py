@@ -18,7 +18,8 @@ ARCHS = {
     "detr": ("shapes/detr_fp32.yaml", "DETR", ()),  # two-stage, anchor boxes, focal loss
     "detr_anchors": ("shapes/detr_fp32.yaml", "DETR", ("MODEL.DETR.TWO_STAGE", "False")),
     "detr_plain": ("shapes/detr_fp32.yaml", "DETR", ("MODEL.DETR.TWO_STAGE", "False", "MODEL.DETR.BOX_REFINE", "False",
-                                                     "MODEL.DETR.FOCAL_LOSS", "False")),
+                                                     "MODEL.DETR.FOCAL_LOSS", "False",
+                                                     "MODEL.DETR.SPATIAL_PRIOR", "False")),
     "deformable_two_stage": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR", ()),
     "deformable_plain": ("shapes/deformable_detr_fp32.yaml", "DEFORMABLE_DETR",
                          ("MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE", "False", "MODEL.DEFORMABLE_DETR.TWO_STAGE", "False")),

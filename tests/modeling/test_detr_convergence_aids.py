@@ -8,14 +8,14 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from aqdetr_d2.layers.box_ops import inverse_sigmoid
-from aqdetr_d2.layers.proposals import box_sine_embed, encoder_proposals, gaussian_attention_prior
+from aqdetr_d2.layers.proposals import box_sine_embed, cell_centers, encoder_proposals, gaussian_attention_prior
 from aqdetr_d2.quant import QuantLinear
 
 NUM_QUERIES, DEC_LAYERS = 6, 3
 MODES = {
     "two_stage": (),
     "anchors": ("MODEL.DETR.TWO_STAGE", "False"),
-    "focal_only": ("MODEL.DETR.TWO_STAGE", "False", "MODEL.DETR.BOX_REFINE", "False"),
+    "focal_only": ("MODEL.DETR.TWO_STAGE", "False", "MODEL.DETR.BOX_REFINE", "False", "MODEL.DETR.SPATIAL_PRIOR", "False"),
 }
 
 
@@ -185,7 +185,8 @@ def test_losses_finite_and_named(make_cfg, mode):
 
 
 @pytest.mark.parametrize("opts,match", [
-    (("MODEL.DETR.BOX_REFINE", "False"), "TWO_STAGE needs MODEL.DETR.BOX_REFINE"),
+    (("MODEL.DETR.BOX_REFINE", "False", "MODEL.DETR.SPATIAL_PRIOR", "False"), "TWO_STAGE needs MODEL.DETR.BOX_REFINE"),
+    (("MODEL.DETR.BOX_REFINE", "False", "MODEL.DETR.TWO_STAGE", "False"), "SPATIAL_PRIOR needs MODEL.DETR.BOX_REFINE"),
     (("MODEL.DETR.FOCAL_LOSS", "False"), "TWO_STAGE needs MODEL.DETR.BOX_REFINE and MODEL.DETR.FOCAL_LOSS"),
 ])
 def test_two_stage_without_its_prerequisites_is_a_clear_error(make_cfg, opts, match):
@@ -202,3 +203,23 @@ def test_quantized_heads_follow_the_layout(make_cfg):
         assert isinstance(modules[f"bbox_embed.{lvl}.layers.0"], QuantLinear)
     assert isinstance(modules["transformer.decoder.ref_point_head.layers.0"], QuantLinear)
     assert isinstance(modules["query_selection.enc_output"], QuantLinear)
+
+
+def test_spatial_prior_draws_cross_attention_to_the_anchor(make_cfg):
+    with_prior = _perturb(build_model(_cfg(make_cfg))).eval()
+    without = build_model(_cfg(make_cfg, "MODEL.DETR.SPATIAL_PRIOR", "False")).eval()
+    without.load_state_dict(with_prior.state_dict())  # the prior has no parameters
+    images = with_prior.preprocess_image(_batch())
+    with torch.no_grad():
+        tr = with_prior.predict(images)["transformer"]
+        tr_plain = without.predict(images)["transformer"]
+    assert "dec_cross_attn_prior" not in tr_plain
+    shape = (images.tensor.shape[-2] // 8, images.tensor.shape[-1] // 8)
+    centers = cell_centers(tr["mask"], [shape])
+    refs = tr["dec_references"][0]
+    torch.testing.assert_close(tr["dec_cross_attn_prior"][0], gaussian_attention_prior(refs, centers, 1 / min(shape)))
+    # Same layer-0 inputs; only the prior differs. Attention mass inside each anchor box grows.
+    inside = ((centers[:, None] - refs[..., None, :2]).abs() <= refs[..., None, 2:] / 2 + 1 / min(shape)).all(-1)
+    mass = (tr["dec_cross_attn"][0].mean(1) * inside).sum(-1).mean()
+    mass_plain = (tr_plain["dec_cross_attn"][0].mean(1) * inside).sum(-1).mean()
+    assert mass > mass_plain + 0.05, (mass, mass_plain)
