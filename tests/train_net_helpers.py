@@ -17,6 +17,11 @@ TINY = {
                                   "MODEL.DEFORMABLE_DETR.NHEADS", "4", "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1",
                                   "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2"],
 }
+# The shapes DETR without its convergence aids (the papers' DETR, on res5), for tests whose
+# per-query comparisons a two-stage query selection would reorder.
+PLAIN_DETR = ["MODEL.DETR.TWO_STAGE", "False", "MODEL.DETR.BOX_REFINE", "False", "MODEL.DETR.FOCAL_LOSS", "False",
+              "MODEL.DETR.SPATIAL_PRIOR", "False", "MODEL.DETR.IN_FEATURE", "res5",
+              "MODEL.RESNETS.OUT_FEATURES", "['res5']"]
 COMMON = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
           "INPUT.MIN_SIZE_TEST", "96", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0"]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The AQ-DETR ablation in miniature on the built-in shapes dataset, on a CPU.
 
-    python tools/quickstart.py [--arch deformable|detr] [--iters 400] [--precision w4a4] [--seeds 1 2]
+    python tools/quickstart.py [--arch detr|deformable] [--iters 400] [--precision w4a4] [--seeds 1 2]
 
 1. the full-precision teacher: the committed checkpoint `docs/quickstart/<arch>_teacher.pth`
    if present (made by `--train-teacher`, its log beside it), else trained here;
@@ -163,7 +163,7 @@ def size_and_ops(config: str, opts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="deformable")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="detr")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="w4a4",
                         help="student bits: w4a4 = W4A4A4 (weights, activations, attention), w4a4a8 = 8-bit attention")
     parser.add_argument("--iters", type=int, default=400, help="fine-tuning iterations per variant")
