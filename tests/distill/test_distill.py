@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 
 from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.quant import LSQQuantizer
+from detection_targets import training_batch
 
 # name -> (config, config node, extra overrides). The shapes DETR is two-stage with anchor boxes.
 ARCHS = {
@@ -76,16 +77,7 @@ def _student(make_cfg, arch, yaml, weights, *extra, overrides=None):
 
 
 def _batch(gen, n=2):
-    from detectron2.structures import Boxes, Instances
-
-    batch = []
-    for h, w in [(96, 128), (112, 80)][:n]:
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [30.0, 5.0, 70.0, 40.0]]))
-        inst.gt_classes = torch.tensor([1, 3])
-        batch.append({"image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8),
-                      "height": h, "width": w, "instances": inst})
-    return batch
+    return training_batch(gen, [(96, 128), (112, 80)][:n], [[10.0, 12.0, 50.0, 60.0], [30.0, 5.0, 70.0, 40.0]], [1, 3])
 
 
 def _parallel_safe(arch, mode):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 
 from aqdetr_d2.layers.box_ops import inverse_sigmoid
 from aqdetr_d2.layers.proposals import box_sine_embed, cell_centers, encoder_proposals, gaussian_attention_prior
 from aqdetr_d2.quant import QuantLinear
+from detection_targets import training_batch
 
 NUM_QUERIES, DEC_LAYERS = 6, 3
 MODES = {
@@ -37,15 +37,8 @@ def _perturb(model):
 
 
 def _batch():
-    gen = torch.Generator().manual_seed(0)
-    batch = []
-    for h, w in [(64, 80), (56, 64)]:
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 4, 30, 30], [20, 10, 50, 40]]))
-        inst.gt_classes = torch.tensor([1, 3])
-        batch.append({"image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8),
-                      "height": h, "width": w, "instances": inst})
-    return batch
+    return training_batch(torch.Generator().manual_seed(0), [(64, 80), (56, 64)],
+                          [[4.0, 4, 30, 30], [20, 10, 50, 40]], [1, 3])
 
 
 def test_box_sine_embed_matches_naive_formula():
