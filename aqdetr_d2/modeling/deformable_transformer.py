@@ -288,7 +288,8 @@ class DeformableTransformer(nn.Module):
 
     def gen_encoder_output_proposals(self, memory: Tensor, memory_padding_mask: Tensor, spatial_shapes: Tensor
                                      ) -> Tuple[Tensor, Tensor]:
-        """
+        """The encoder proposals (`encoder_proposals`) and the memory features that score them.
+
         Args:
             memory: (B, S, C); memory_padding_mask: (B, S) bool; spatial_shapes: (n_levels, 2).
         Returns:

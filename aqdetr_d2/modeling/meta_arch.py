@@ -134,11 +134,13 @@ def _check_heads(node, name):
 class AQDETR(_SetPredictionDetector):
     """DETR (Carion et al. 2020) on a Detectron2 backbone, with quantizable explicit attention.
 
-    Off by default, three convergence aids make a small DETR trainable on a CPU (the papers'
+    Off by default, four convergence aids make a small DETR trainable on a CPU (the papers'
     COCO / VOC models use none of them):
-    - `focal`: per-class sigmoid classification with focal loss (no "no-object" class);
-    - `box_refine`: anchor boxes as query positions (DAB-DETR), refined by one box head per
-      decoder layer (Deformable-DETR); `query_embed` then holds query content, not positions;
+    - the criterion's `focal`: per-class sigmoid classification with focal loss (no
+      "no-object" class);
+    - the transformer's `anchor_queries` (`box_refine`): anchor boxes as query positions
+      (DAB-DETR), refined by one box head per decoder layer (Deformable-DETR); `query_embed`
+      then holds query content, not positions;
     - `two_stage`: the best encoder proposals give the anchors and, from their encoder
       features, the query content (`EncoderQuerySelection`); no query embedding is learned;
     - the transformer's `spatial_prior`: a Gaussian around each anchor box added to the
@@ -148,25 +150,21 @@ class AQDETR(_SetPredictionDetector):
     @configurable
     def __init__(self, *, backbone, in_feature: str, transformer: Transformer, num_classes: int,
                  num_queries: int, criterion: SetCriterion, deep_supervision: bool = True,
-                 focal: bool = False, box_refine: bool = False, two_stage: bool = False, topk_test: int = 100,
-                 aux_queries: Optional[AuxQueries] = None, quantize=None, pixel_mean, pixel_std):
+                 two_stage: bool = False, topk_test: int = 100, aux_queries: Optional[AuxQueries] = None,
+                 quantize=None, pixel_mean, pixel_std):
         super().__init__(backbone=backbone, in_features=[in_feature], criterion=criterion,
                          num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std,
                          aux_queries=aux_queries)
+        focal, box_refine = criterion.focal, transformer.anchor_queries
         if two_stage and not (box_refine and focal):
             raise ValueError("MODEL.DETR.TWO_STAGE needs MODEL.DETR.BOX_REFINE and MODEL.DETR.FOCAL_LOSS")
-        if box_refine != transformer.anchor_queries:
-            raise ValueError(f"box_refine={box_refine} but the transformer was built with "
-                             f"anchor_queries={transformer.anchor_queries}")
-        if focal != criterion.focal:
-            raise ValueError(f"focal={focal} but the criterion was built with focal={criterion.focal}")
         hidden = transformer.d_model
         self.transformer = transformer
         self.position_embedding = PositionEmbeddingSine(hidden // 2, normalize=True)
         self.input_proj = nn.Conv2d(backbone.output_shape()[in_feature].channels, hidden, kernel_size=1)
         self.num_queries = num_queries
         self.query_embed = None if two_stage else nn.Embedding(num_queries, hidden)
-        self.focal, self.box_refine, self.two_stage = focal, box_refine, two_stage
+        self.two_stage = two_stage
         self.topk_test = topk_test
         self.deep_supervision = deep_supervision
         class_embed = nn.Linear(hidden, num_classes if focal else num_classes + 1)
@@ -214,14 +212,22 @@ class AQDETR(_SetPredictionDetector):
                                       d.GIOU_WEIGHT, d.NO_OBJECT_WEIGHT, focal=d.FOCAL_LOSS,
                                       focal_alpha=d.FOCAL_ALPHA),
             "deep_supervision": d.DEEP_SUPERVISION,
-            "focal": d.FOCAL_LOSS,
-            "box_refine": d.BOX_REFINE,
             "two_stage": d.TWO_STAGE,
             "topk_test": d.TOPK_TEST,
             "aux_queries": AuxQueries.from_config(cfg),
             "quantize": partial(maybe_quantize, cfg, layout=DETR_LAYOUT),
             **_pixel_stats(cfg),
         }
+
+    @property
+    def focal(self) -> bool:
+        """Sigmoid focal classification (K logits) rather than softmax with no-object (K + 1)."""
+        return self.criterion.focal
+
+    @property
+    def box_refine(self) -> bool:
+        """Anchor-box queries refined by one head per decoder layer."""
+        return self.transformer.anchor_queries
 
     def layer_predictions(self, lvl: int, hidden: Tensor, reference: Optional[Tensor] = None):
         """Class logits (B, Q, K or K + 1) and boxes (B, Q, 4) of decoder layer `lvl` from its
@@ -262,8 +268,10 @@ class AQDETR(_SetPredictionDetector):
                     anchors = torch.cat([anchors, self.aux_anchor_embed.weight])
                 anchors = anchors.sigmoid().unsqueeze(0).expand(batch, -1, -1)
                 out = self.transformer.decode(enc, queries, None, tgt_mask, anchors, self.bbox_embed)
-        references = out.get("dec_references", [None] * len(out["hs"]))
-        logits, boxes = zip(*(self.layer_predictions(i, h, r) for i, (h, r) in enumerate(zip(out["hs"], references))))
+        if self.box_refine:  # the decoder already ran each layer's box head to refine its anchors
+            logits, boxes = [head(h) for head, h in zip(self.class_embed, out["hs"])], out["dec_boxes"]
+        else:
+            logits, boxes = self.class_embed(out["hs"]), self.bbox_embed(out["hs"]).sigmoid()
         outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1], transformer=out)
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
