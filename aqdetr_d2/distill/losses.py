@@ -16,6 +16,32 @@ def _masked_mean(values: Tensor, valid: Optional[Tensor]) -> Tensor:
     return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """-sum(t * log(s + eps)) over the last axis, differentiable in s only.
+
+    The same value autograd would give, in a few passes and without keeping intermediates:
+    dense attention maps are the largest tensors of a DETR training step.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t):
+        ctx.save_for_backward(s, t)
+        return -torch.linalg.vecdot(t, (s + _EPS).log_())
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        return torch.div(t, s + _EPS).mul_(-grad.unsqueeze(-1)), None
+
+
+def _distribution_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher || student) over the last axis, with eps inside both logs; (...) from (..., N)."""
+    teacher = teacher.detach()
+    with torch.no_grad():
+        neg_entropy = torch.linalg.vecdot(teacher, (teacher + _EPS).log_())
+    return neg_entropy + _CrossEntropy.apply(student, teacher)
+
+
 def attention_kl(student: Tensor, teacher: Tensor, query_valid: Optional[Tensor] = None) -> Tensor:
     """KL(teacher || student) of attention distributions over the last axis, per head.
 
@@ -23,7 +49,7 @@ def attention_kl(student: Tensor, teacher: Tensor, query_valid: Optional[Tensor]
     so they add nothing). query_valid: (B, L) bool, False for padded queries, which are
     excluded. Returns the mean over batch, heads and valid queries.
     """
-    kl = (teacher * ((teacher + _EPS).log() - (student + _EPS).log())).sum(-1)  # (B, H, L)
+    kl = _distribution_kl(student, teacher)  # (B, H, L)
     return _masked_mean(kl, None if query_valid is None else query_valid[:, None, :])
 
 
@@ -34,7 +60,7 @@ def deformable_attention_kl(student: Tensor, teacher: Tensor, query_valid: Optio
     query_valid: (B, Lq) bool.
     """
     s, t = student.flatten(-2), teacher.flatten(-2)
-    kl = (t * ((t + _EPS).log() - (s + _EPS).log())).sum(-1)  # (B, Lq, H)
+    kl = _distribution_kl(s, t)  # (B, Lq, H)
     return _masked_mean(kl, None if query_valid is None else query_valid[:, :, None])
 
 

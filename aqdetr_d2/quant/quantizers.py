@@ -282,19 +282,27 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Few passes over x and no bool-to-float promotions: on a CPU this backward was ~40% of
+        # a quantized DETR training step.
         x, scale, offset = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         v = _scaled(x, scale.clamp_min(ctx.eps), offset)
-        inside = (v >= qmin) & (v <= qmax)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        clipped = v.clamp(qmin, qmax)
+        inside = clipped == v
+        grad_x = torch.where(inside, grad, 0.0)
         grad_scale = grad_offset = None
         if ctx.needs_input_grad[1]:
-            # round(clamp(v)) - v inside; the clipped bound outside.
-            ds = v.clamp(qmin, qmax).round_() - v * inside
-            grad_scale = (grad * ds).sum_to_size(scale.shape) * ctx.grad_factor
+            # round(v) - v inside; the clipped bound outside.
+            ds = clipped.round_().sub_(v.mul_(inside))
+            if scale.numel() == 1:
+                grad_scale = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(scale.shape)
+            else:
+                grad_scale = (grad * ds).sum_to_size(scale.shape)
+            grad_scale = grad_scale * ctx.grad_factor
         if offset is not None and ctx.needs_input_grad[2]:
-            grad_offset = (grad * ~inside).sum_to_size(offset.shape) * ctx.grad_factor
-        return grad_x, grad_scale, grad_offset, None, None, None, None
+            # The offset's gradient is the upstream gradient of the clipped elements.
+            grad_offset = (grad.sum_to_size(offset.shape) - grad_x.sum_to_size(offset.shape)) * ctx.grad_factor
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_scale, grad_offset, None, None, None, None
 
 
 class LSQQuantizer(QuantizerBase):
