@@ -242,7 +242,28 @@ def main():
         size_mb, gops = size_and_ops(student_cfg, opts)
         rows.append({"name": name, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops, "seeds": runs})
 
+    if args.resume:
+        rows = with_previous_rows(args, rows)
     write_results(args, rows)
+
+
+def with_previous_rows(args, rows):
+    """`rows` plus the ablation rows an earlier run in `--output` finished and this one did not
+    train (e.g. `--resume --seeds 1 2 --variants lsq aq` after all four variants with seed 1),
+    in table order; each kept row is marked "kept": True. Rows of another --arch / --precision
+    are not mixed in."""
+    try:
+        with open(os.path.join(args.output, "results.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return rows
+    if (previous["args"].get("arch"), previous["args"].get("precision")) != (args.arch, args.precision):
+        return rows
+    trained = {r["name"] for r in rows}
+    kept = {r["name"]: {**r, "kept": True} for r in previous["rows"] if "seeds" in r and r["name"] not in trained}
+    by_name = {**kept, **{r["name"]: r for r in rows}}
+    order = [r["name"] for r in rows if "seeds" not in r] + [VARIANTS[k][0] for k in VARIANTS]
+    return [by_name[name] for name in order if name in by_name]
 
 
 def teacher_schedule(arch, iters=None):
@@ -272,6 +293,9 @@ def write_results(args, rows):
         per_seed = " / ".join(f"{s['AP']:.1f}" for s in r.get("seeds", [])) or "-"
         lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in METRICS)
                      + f" | {per_seed} | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
+    kept = [r["name"] for r in rows if r.get("kept")]
+    if kept:
+        lines += ["", "Kept from the earlier run in this folder: " + ", ".join(kept) + "."]
     table = "\n".join(lines)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(table + "\n")

@@ -107,3 +107,27 @@ def test_every_precision_has_student_configs(quickstart, project_root):
     for arch in quickstart.ARCHS.values():
         for precision in quickstart.PRECISIONS:
             assert os.path.exists(os.path.join(project_root, arch["student"].format(p=precision))), (arch, precision)
+
+
+def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
+    def row(name, ap, seeds):
+        return {"name": name, **quickstart.mean_over_seeds([_run(ap, s) for s in seeds]), "size_mb": 1.5,
+                "gops": 0.05, "seeds": [_run(ap, s) for s in seeds]}
+
+    teacher = {"name": "teacher", **_run(70.0, 0), "size_mb": 16.0, "gops": 0.3}
+    names = [quickstart.VARIANTS[k][0] for k in quickstart.VARIANTS]
+    first = argparse.Namespace(output=str(tmp_path), arch="detr", precision="w4a4", resume=False)
+    quickstart.write_results(first, [teacher] + [row(n, 40.0 + i, [1]) for i, n in enumerate(names)])
+
+    # Seed 2 of LSQ and AQ-DETR only: the other two rows come back from the first table, in order.
+    second = argparse.Namespace(**{**vars(first), "resume": True})
+    rows = quickstart.with_previous_rows(second, [teacher, row(names[0], 50.0, [1, 2]), row(names[3], 51.0, [1, 2])])
+    assert [r["name"] for r in rows] == ["teacher"] + names
+    assert [r["AP"] for r in rows] == [70.0, 50.0, 41.0, 42.0, 51.0]
+    assert [bool(r.get("kept")) for r in rows] == [False, False, True, True, False]
+    quickstart.write_results(second, rows)
+    assert "Kept from the earlier run in this folder: " + ", ".join(names[1:3]) in (tmp_path / "results.md").read_text()
+
+    # A table of another precision is not mixed in.
+    other = argparse.Namespace(**{**vars(second), "precision": "w3a3"})
+    assert [r["name"] for r in quickstart.with_previous_rows(other, [teacher])] == ["teacher"]
