@@ -17,13 +17,11 @@ import logging
 import torch
 
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
 from detectron2.structures import Instances, pairwise_iou
 
-from aqdetr_d2.checkpoint import AQDETRCheckpointer
 from aqdetr_d2.config import load_config
 from aqdetr_d2.data import DetrDatasetMapper
-from aqdetr_d2.engine import initialize_quantizers
+from aqdetr_d2.engine import build_calibrated_model
 
 
 def count_duplicates(instances: Instances, score: float, iou: float):
@@ -47,10 +45,7 @@ def duplicate_table(cfg, weights, num_images: int, score: float, iou: float):
     ground_truth = sum(len(d["annotations"]) for d in dicts)
     rows = []
     for path in weights:
-        model = build_model(cfg)
-        AQDETRCheckpointer(model).load(path, checkpointables=[])
-        initialize_quantizers(cfg, model)  # a float checkpoint in a quantized config, as in training
-        model.eval()
+        model = build_calibrated_model(cfg, path)
         confident = duplicates = 0
         for start in range(0, len(inputs), cfg.SOLVER.IMS_PER_BATCH):
             for output in model(inputs[start:start + cfg.SOLVER.IMS_PER_BATCH]):

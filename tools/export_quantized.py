@@ -22,11 +22,10 @@ from collections import defaultdict
 
 import torch
 
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from aqdetr_d2.config import load_config
-from aqdetr_d2.engine import AQDETRCheckpointer, initialize_quantizers
+from aqdetr_d2.engine import build_calibrated_model
 from aqdetr_d2.quant import QuantizerBase
 from aqdetr_d2.quant.export import export_quantized
 
@@ -93,20 +92,11 @@ def main(argv=None):
     if q.WEIGHT_BITS == 32:
         sys.exit("error: MODEL.QUANT.WEIGHT_BITS is 32: weights stay in floating point, nothing to pack.")
     setup_logger(name="aqdetr_d2")
-    logger = logging.getLogger("aqdetr_d2.export")
 
-    model = build_model(cfg)
     # A float checkpoint lacks every quantizer's state: fvcore would list each missing key. The
-    # checkpointer still refuses any other missing tensor, and calibration below fills them in.
+    # checkpointer still refuses any other missing tensor, and calibration fills them in.
     logging.getLogger("fvcore.common.checkpoint").setLevel(logging.ERROR)
-    if cfg.MODEL.WEIGHTS:
-        AQDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: exporting randomly initialised weights")
-    model.eval()
-    calibrated = initialize_quantizers(cfg, model)
-    if calibrated:
-        logger.info("Calibrated the quantizers on %d batch(es): MODEL.WEIGHTS held no quantizer state", calibrated)
+    model = build_calibrated_model(cfg)
 
     exported = export_quantized(model, metadata={
         "config": cfg.dump(), "weights": cfg.MODEL.WEIGHTS, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,

@@ -40,30 +40,17 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
-from detectron2.modeling import build_model
 
 from aqdetr_d2.config import load_config
 from aqdetr_d2.data import DetrDatasetMapper
 from aqdetr_d2.distill.teacher import build_teacher
-from aqdetr_d2.engine import AQDETRCheckpointer, initialize_quantizers
+from aqdetr_d2.engine import build_calibrated_model
 from aqdetr_d2.layers.box_ops import box_cxcywh_to_xyxy
 from aqdetr_d2.utils import visualization as vis
 
-logger = logging.getLogger("aqdetr_d2.visualize")
 
 
 # --------------------------------------------------------------------------- models and data
-
-def build_student(cfg) -> torch.nn.Module:
-    """The model of `cfg` with MODEL.WEIGHTS loaded and unset quantizers calibrated, in eval mode."""
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        AQDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: drawing a randomly initialised model")
-    initialize_quantizers(cfg, model)
-    return model.eval()
-
 
 def build_float_teacher(cfg, teacher_config: Optional[str], teacher_weights: Optional[str]) -> torch.nn.Module:
     """The float teacher, built and checked as for distillation (`build_teacher`)."""
@@ -123,7 +110,7 @@ def boxes_xyxy(pred_boxes: torch.Tensor, hw) -> np.ndarray:
 
 def cmd_predictions(args) -> str:
     cfg = load_config(args.config_file, args.opts)
-    model = build_student(cfg)
+    model = build_calibrated_model(cfg)
     name, metadata, dicts, inputs = dataset_images(cfg, args.dataset, args.num_images)
     rows, row_titles = [], []
     for record, item in zip(dicts, inputs):
@@ -149,7 +136,7 @@ def _scores(outputs, sigmoid: bool):
 def cmd_attention(args) -> str:
     cfg = load_config(args.config_file, args.opts)
     teacher = build_float_teacher(cfg, args.teacher_config, args.teacher_weights)
-    student = build_student(cfg)
+    student = build_calibrated_model(cfg)
     _, metadata, _, inputs = dataset_images(cfg, args.dataset, 1, start=args.image_index)
     image = input_rgb(cfg, inputs[0])
     models = [("teacher fp32", teacher), (f"student {vis.describe_precision(cfg)}", student)]
@@ -222,7 +209,7 @@ def cmd_attention(args) -> str:
 def cmd_histograms(args) -> str:
     cfg = load_config(args.config_file, args.opts)
     teacher = build_float_teacher(cfg, args.teacher_config, args.teacher_weights)
-    student = build_student(cfg)
+    student = build_calibrated_model(cfg)
     name, _, _, inputs = dataset_images(cfg, args.dataset, args.num_images)
     states = {"teacher": [], "student": []}
     for item in inputs:

@@ -1,7 +1,7 @@
-from .calibration import initialize_quantizers
+from .calibration import build_calibrated_model, initialize_quantizers
 from ..checkpoint import AQDETRCheckpointer, CheckpointMismatchError
 from .optimizer import build_detr_optimizer, detr_param_groups
 from .trainer import AQDETRTrainer
 
-__all__ = ["AQDETRCheckpointer", "AQDETRTrainer", "CheckpointMismatchError", "build_detr_optimizer",
+__all__ = ["AQDETRCheckpointer", "AQDETRTrainer", "CheckpointMismatchError", "build_calibrated_model", "build_detr_optimizer",
            "detr_param_groups", "initialize_quantizers"]

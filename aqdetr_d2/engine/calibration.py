@@ -1,12 +1,15 @@
 """Initialise a quantized model's step sizes from training images before it is used."""
 import itertools
 import logging
+from typing import Optional
 
 from torch import nn
 
 from detectron2.data import build_detection_test_loader
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 
+from ..checkpoint import AQDETRCheckpointer
 from ..data import DetrDatasetMapper
 from ..quant import calibrate, iter_quantizers
 
@@ -42,3 +45,17 @@ def initialize_quantizers(cfg, model: nn.Module) -> int:
     if left:
         raise RuntimeError(f"{len(left)} quantizers saw no data during calibration; check MODEL.QUANT.PARTS")
     return used
+
+
+def build_calibrated_model(cfg, weights: Optional[str] = None) -> nn.Module:
+    """The model of `cfg` ready for inference, as `--eval-only` builds it: `weights` (default
+    MODEL.WEIGHTS; the model only) loaded, the quantizers a float checkpoint leaves unset
+    calibrated, eval mode. Without weights it warns and keeps the random initialisation."""
+    model = build_model(cfg)
+    path = cfg.MODEL.WEIGHTS if weights is None else weights
+    if path:
+        AQDETRCheckpointer(model).load(path, checkpointables=[])
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
+    initialize_quantizers(cfg, model)
+    return model.eval()
