@@ -131,3 +131,16 @@ def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
     # A table of another precision is not mixed in.
     other = argparse.Namespace(**{**vars(second), "precision": "w3a3"})
     assert [r["name"] for r in quickstart.with_previous_rows(other, [teacher])] == ["teacher"]
+
+
+def test_teacher_schedules(quickstart):
+    def opts(arch, iters=None):
+        values = quickstart.teacher_schedule(quickstart.ARCHS[arch], iters)
+        return dict(zip(values[::2], values[1::2]))
+
+    # Deformable-DETR: the schedule its committed teacher was trained with (docs/quickstart/README.md).
+    assert opts("deformable") == {"SOLVER.MAX_ITER": "3500", "SOLVER.STEPS": "(3000,)", "TEST.EVAL_PERIOD": "700",
+                                  "SOLVER.CHECKPOINT_PERIOD": "700"}
+    assert opts("detr")["SOLVER.MAX_ITER"] == "6000" and opts("detr")["SOLVER.STEPS"] == "(5000,)"
+    # --teacher-iters keeps the learning-rate drop at the same fraction of the run.
+    assert opts("detr", 1200)["SOLVER.STEPS"] == "(1000,)" and opts("detr", 1200)["TEST.EVAL_PERIOD"] == "240"
