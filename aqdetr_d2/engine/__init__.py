@@ -3,5 +3,5 @@ from ..checkpoint import AQDETRCheckpointer, CheckpointMismatchError
 from .optimizer import build_detr_optimizer, detr_param_groups
 from .trainer import AQDETRTrainer
 
-__all__ = ["AQDETRCheckpointer", "AQDETRTrainer", "CheckpointMismatchError", "build_calibrated_model", "build_detr_optimizer",
-           "detr_param_groups", "initialize_quantizers"]
+__all__ = ["AQDETRCheckpointer", "AQDETRTrainer", "CheckpointMismatchError", "build_calibrated_model",
+           "build_detr_optimizer", "detr_param_groups", "initialize_quantizers"]
