@@ -107,13 +107,18 @@ def finished(output_dir: str, iters: int) -> bool:
     return bool(rows) and rows[-1]["iteration"] in (iters - 1, iters)
 
 
-def previous_minutes(output: str, run_dir: str) -> float:
-    """The training minutes an earlier quickstart recorded for `run_dir` (0 if it did not)."""
+def previous_results(output: str) -> dict:
+    """The results.json an earlier quickstart wrote to `output` ({} if none or unreadable)."""
     try:
         with open(os.path.join(output, "results.json")) as f:
-            rows = json.load(f)["rows"]
-    except (OSError, ValueError, KeyError):
-        return 0.0
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def previous_minutes(output: str, run_dir: str) -> float:
+    """The training minutes an earlier quickstart recorded for `run_dir` (0 if it did not)."""
+    rows = previous_results(output).get("rows", [])
     runs = [run for row in rows for run in row.get("seeds", []) if run["output_dir"] == run_dir]
     return runs[0]["train_minutes"] if runs else 0.0
 
@@ -252,12 +257,8 @@ def with_previous_rows(args, rows):
     train (e.g. `--resume --seeds 1 2 --variants lsq aq` after all four variants with seed 1),
     in table order; each kept row is marked "kept": True. Rows of another --arch / --precision
     are not mixed in."""
-    try:
-        with open(os.path.join(args.output, "results.json")) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        return rows
-    if (previous["args"].get("arch"), previous["args"].get("precision")) != (args.arch, args.precision):
+    previous = previous_results(args.output)
+    if not previous or (previous["args"].get("arch"), previous["args"].get("precision")) != (args.arch, args.precision):
         return rows
     trained = {r["name"] for r in rows}
     kept = {r["name"]: {**r, "kept": True} for r in previous["rows"] if "seeds" in r and r["name"] not in trained}
