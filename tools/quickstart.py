@@ -53,9 +53,13 @@ def stage(message: str):
     print(f"[quickstart {time.strftime('%H:%M:%S')}, {elapsed:.1f} min] {message}", flush=True)
 
 
+def train_net_command(config: str, output_dir: str, opts):
+    return [sys.executable, TRAIN_NET, "--config-file", os.path.join(ROOT, config), *opts, "OUTPUT_DIR", output_dir]
+
+
 def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
     """Run train_net.py; its output goes to the terminal and `log_path`. Returns seconds taken."""
-    cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(ROOT, config), *opts, "OUTPUT_DIR", output_dir]
+    cmd = train_net_command(config, output_dir, opts)
     start = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -78,6 +82,22 @@ def evaluated_metrics(log_path: str):
         if header.startswith("AP,AP50"):
             return dict(zip(header.split(","), (float(v) for v in values.split(","))))
     raise SystemExit(f"no COCO evaluation in {log_path}")
+
+
+def logged_evaluation(config: str, output_dir: str, opts, log_path: str):
+    """The COCO metrics in `log_path` if an earlier run of exactly this train_net command wrote
+    them (the log's first line is the command), else None: `--resume` then skips the re-evaluation."""
+    try:
+        with open(log_path) as f:
+            command = f.readline().rstrip("\n")
+    except OSError:
+        return None
+    if command != "$ " + " ".join(train_net_command(config, output_dir, opts)):
+        return None
+    try:
+        return evaluated_metrics(log_path)
+    except SystemExit:
+        return None
 
 
 def _evaluations(output_dir: str):
@@ -220,11 +240,17 @@ def main():
                    "MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]),
     ]:
         run_dir = os.path.join(args.output, run)
-        stage(f"{name}: evaluating")
-        seconds = train_net(config, run_dir, ["--eval-only", *opts, *args.opts], run_dir + ".log")
+        eval_opts = ["--eval-only", *opts, *args.opts]
+        metrics = logged_evaluation(config, run_dir, eval_opts, run_dir + ".log") if args.resume else None
+        if metrics:
+            stage(f"{name}: kept the evaluation in {run_dir}.log")
+        else:
+            stage(f"{name}: evaluating")
+            train_net(config, run_dir, eval_opts, run_dir + ".log")
+            metrics = evaluated_metrics(run_dir + ".log")
         size_mb, gops = size_and_ops(config, opts + args.opts)
-        rows.append({"name": name, **evaluated_metrics(run_dir + ".log"), "size_mb": size_mb, "gops": gops,
-                     "train_minutes": 0.0, "eval_minutes": seconds / 60, "output_dir": run_dir})
+        rows.append({"name": name, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
+                     "output_dir": run_dir})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
     total, done = len(args.variants) * len(args.seeds), 0
     for key in args.variants:

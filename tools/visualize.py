@@ -226,7 +226,8 @@ def cmd_histograms(args) -> str:
                                  title=f"{cfg.MODEL.META_ARCHITECTURE}: decoder query values, "
                                        f"{len(inputs)} images of {name}")
     for lid, row in enumerate(stats):
-        print(f"decoder layer {lid}: KL {row['kl']:.4f}  mean|diff| {row['mean_abs_diff']:.4f}  "
+        diff = f"{row['mean_abs_diff']:.4f}" if paired else "n/a (unpaired queries)"
+        print(f"decoder layer {lid}: KL {row['kl']:.4f}  mean|diff| {diff}  "
               f"teacher {row['teacher_mean']:+.3f}+-{row['teacher_std']:.3f}  "
               f"student {row['student_mean']:+.3f}+-{row['student_std']:.3f}")
     return args.output

@@ -103,6 +103,24 @@ def test_evaluated_metrics_reads_the_copypaste_lines(quickstart, tmp_path):
         quickstart.evaluated_metrics(str(log))
 
 
+def test_resume_reuses_only_an_evaluation_of_the_same_command(quickstart, tmp_path):
+    log, run_dir = tmp_path / "ptq.log", str(tmp_path / "ptq")
+    opts = ["--eval-only", "MODEL.WEIGHTS", "teacher.pth"]
+    command = " ".join(quickstart.train_net_command("configs/a.yaml", run_dir, opts))
+    evaluation = ("[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
+                  "[d2.evaluation.testing]: copypaste: 36.1,66.0,34.1,41.0,27.8,nan\n")
+    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, opts, str(log)) is None  # no log yet
+    log.write_text(f"$ {command}\n" + evaluation)
+    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, opts, str(log))["AP"] == 36.1
+    # Another checkpoint, config or output folder: evaluate again.
+    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, ["--eval-only", "MODEL.WEIGHTS", "other.pth"],
+                                        str(log)) is None
+    assert quickstart.logged_evaluation("configs/b.yaml", run_dir, opts, str(log)) is None
+    # An evaluation that was interrupted before its metrics: evaluate again.
+    log.write_text(f"$ {command}\nInference done 479/1000\n")
+    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, opts, str(log)) is None
+
+
 def test_every_precision_has_student_configs(quickstart, project_root):
     for arch in quickstart.ARCHS.values():
         for precision in quickstart.PRECISIONS:
