@@ -199,8 +199,9 @@ def main():
                         help="ablation rows to train (default: all four)")
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "quickstart"))
     parser.add_argument("--resume", action="store_true",
-                        help="keep the finished runs already in --output and resume unfinished ones from their last "
-                             "checkpoint (e.g. to add seeds to an earlier table)")
+                        help="keep the finished runs (and evaluations) already in --output and resume unfinished "
+                             "ones, a --train-teacher teacher included, from their last checkpoint (e.g. to add "
+                             "seeds to an earlier table, or to finish an interrupted run)")
     parser.add_argument("--train-teacher", action="store_true", help="train the teacher even if one is committed")
     parser.add_argument("--teacher-iters", type=int, default=None,
                         help="override the teacher's iterations (DETR 6000, Deformable-DETR 3500)")
@@ -218,8 +219,13 @@ def main():
         teacher_cfg = write_teacher_config(args.arch, BACKBONE_OPTS + schedule + args.opts,
                                            os.path.join(args.output, "teacher_config.yaml"))
         teacher_dir = os.path.join(args.output, "teacher")
-        stage(f"training the full-precision teacher ({arch['teacher']})")
-        train_net(os.path.relpath(teacher_cfg, ROOT), teacher_dir, [], os.path.join(args.output, "teacher.log"))
+        iters = int(schedule[schedule.index("SOLVER.MAX_ITER") + 1])
+        if args.resume and finished(teacher_dir, iters):
+            stage(f"kept the finished teacher in {teacher_dir}")
+        else:
+            stage(f"training the full-precision teacher ({arch['teacher']})")
+            train_net(os.path.relpath(teacher_cfg, ROOT), teacher_dir, ["--resume"] if args.resume else [],
+                      os.path.join(args.output, "teacher.log"))
         teacher = os.path.join(teacher_dir, "model_final.pth")
     check_teacher(teacher)
     stage(f"teacher: {teacher}")

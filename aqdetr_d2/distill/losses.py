@@ -16,29 +16,39 @@ def _masked_mean(values: Tensor, valid: Optional[Tensor]) -> Tensor:
     return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) over the last axis, (...) from (..., N): one batched matrix product, which on
+    a CPU takes under half the time of `linalg.vecdot` or a product and a sum on attention maps."""
+    n = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1])
+
+
 class _CrossEntropy(torch.autograd.Function):
     """-sum(t * log(s + eps)) over the last axis, differentiable in s only.
 
     The same value autograd would give, in a few passes and without keeping intermediates:
-    dense attention maps are the largest tensors of a DETR training step.
+    dense attention maps are the largest tensors of a DETR training step, and each new one
+    costs a fresh allocation.
     """
 
     @staticmethod
     def forward(ctx, s, t):
         ctx.save_for_backward(s, t)
-        return -torch.linalg.vecdot(t, (s + _EPS).log_())
+        return -_row_dot(t, torch.add(s, _EPS).log_())
 
     @staticmethod
     def backward(ctx, grad):
         s, t = ctx.saved_tensors
-        return torch.div(t, s + _EPS).mul_(-grad.unsqueeze(-1)), None
+        ratio = torch.add(s, _EPS)
+        torch.div(t, ratio, out=ratio)
+        return ratio.mul_(-grad.unsqueeze(-1)), None
 
 
 def _distribution_kl(student: Tensor, teacher: Tensor) -> Tensor:
     """KL(teacher || student) over the last axis, with eps inside both logs; (...) from (..., N)."""
     teacher = teacher.detach()
     with torch.no_grad():
-        neg_entropy = torch.linalg.vecdot(teacher, (teacher + _EPS).log_())
+        neg_entropy = _row_dot(teacher, torch.add(teacher, _EPS).log_())
     return neg_entropy + _CrossEntropy.apply(student, teacher)
 
 

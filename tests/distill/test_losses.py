@@ -61,3 +61,18 @@ def test_deformable_attention_kl_matches_the_formula():
     (ref_grad,) = torch.autograd.grad(ref, ref_logits)
     assert torch.allclose(loss, ref, rtol=1e-5)
     assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_attention_kl_of_non_contiguous_maps():
+    # Maps sliced or transposed out of a larger tensor take the same value and gradient.
+    s_logits = _maps((2, 5, 3, 7), 5).requires_grad_()
+    t = _maps((2, 5, 3, 7), 6).softmax(-1)
+    s_map, t_map = s_logits.softmax(-1).transpose(1, 2), t.transpose(1, 2)  # (B, H, L, S) views
+    assert not s_map.is_contiguous()
+    loss = attention_kl(s_map, t_map)
+    (grad,) = torch.autograd.grad(loss, s_logits)
+    ref_logits = s_logits.detach().clone().requires_grad_()
+    ref = _reference_kl(ref_logits.softmax(-1), t).mean()
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)

@@ -162,3 +162,27 @@ def test_teacher_schedules(quickstart):
     assert opts("detr")["SOLVER.MAX_ITER"] == "6000" and opts("detr")["SOLVER.STEPS"] == "(5000,)"
     # --teacher-iters keeps the learning-rate drop at the same fraction of the run.
     assert opts("detr", 1200)["SOLVER.STEPS"] == "(1000,)" and opts("detr", 1200)["TEST.EVAL_PERIOD"] == "240"
+
+
+def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(quickstart, "train_net", lambda config, out, opts, log: calls.append((out, opts)) or 1.0)
+    monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    argv = ["quickstart.py", "--arch", "deformable", "--train-teacher", "--teacher-only", "--teacher-iters", "20",
+            "--output", str(tmp_path)]
+    teacher_dir = tmp_path / "teacher"
+
+    monkeypatch.setattr("sys.argv", argv + ["--resume"])
+    quickstart.main()  # nothing finished yet: train, continuing from any checkpoint in the folder
+    assert calls == [(str(teacher_dir), ["--resume"])]
+
+    teacher_dir.mkdir()
+    (teacher_dir / "model_final.pth").write_bytes(b"")
+    (teacher_dir / "metrics.json").write_text(json.dumps({"iteration": 19, "bbox/AP": 50.0}) + "\n")
+    quickstart.main()  # finished at its schedule's last iteration: kept
+    assert len(calls) == 1
+
+    monkeypatch.setattr("sys.argv", argv)
+    quickstart.main()  # without --resume, --train-teacher trains afresh
+    assert calls[-1] == (str(teacher_dir), [])
