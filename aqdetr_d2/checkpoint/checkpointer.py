@@ -1,11 +1,15 @@
 """DetectionCheckpointer that refuses checkpoints which do not fit the model."""
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..quant.export import check_export_fits, check_requantization, exported_state_dict, is_export
+
 
 class CheckpointMismatchError(RuntimeError):
     pass
 
 
+# Where `_load_file` hands an export file to `_load_model`.
+_EXPORT_KEY = "__aqdetr_export__"
 # Quantizer state is initialised from data when absent, so a float checkpoint may lack it.
 _OPTIONAL_KEY_PARTS = ("_quant.", "quantizer", "aux_query_embed", "aux_anchor_embed")  # aux queries: training-only, may be absent
 
@@ -19,13 +23,33 @@ class AQDETRCheckpointer(DetectionCheckpointer):
 
     A backbone-only checkpoint (ImageNet initialisation) may leave the rest unset, unless
     `require_complete` (used for distillation teachers, which must be whole detectors).
+
+    It also reads the packed integer files of `tools/export_quantized.py` (so `MODEL.WEIGHTS`
+    may name one): they load as the fake-quantized model they were exported from, provided the
+    config quantizes the same layers at the same bit widths.
     """
 
     def __init__(self, model, save_dir="", *, require_complete: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.require_complete = require_complete
 
+    def _load_file(self, filename):
+        loaded = super()._load_file(filename)
+        if is_export(loaded.get("model")):
+            export = loaded["model"]
+            loaded = {"model": exported_state_dict(export), _EXPORT_KEY: export}
+        return loaded
+
     def _load_model(self, checkpoint):
+        export = checkpoint.pop(_EXPORT_KEY, None)
+        if export is not None:
+            check_export_fits(self.model, export)
+        incompatible = self._load_checked(checkpoint)
+        if export is not None:
+            check_requantization(self.model, export)
+        return incompatible
+
+    def _load_checked(self, checkpoint):
         ckpt_keys = list(checkpoint["model"])
         # Detectron2's own loader renames pickled Caffe2/ImageNet weights first; check after it.
         incompatible = super()._load_model(checkpoint)

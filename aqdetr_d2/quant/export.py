@@ -250,16 +250,14 @@ def exported_state_dict(exported: Dict) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_exported(model: nn.Module, exported: Union[Dict, str]) -> nn.Module:
-    """
-    Restore an export into `model`, built from the same config and quantized the same way
-    (its quantizers may be uninitialised). `exported` is the dict or a path to it. Weights
-    become the dequantized values; every exported layer's weight quantizer is checked to give
-    them back unchanged. Returns `model`.
-    """
-    if not isinstance(exported, dict):
-        exported = torch.load(exported, map_location="cpu", weights_only=True)
-    state = exported_state_dict(exported)
+def is_export(obj) -> bool:
+    """True for a dict written by `export_quantized` (any version)."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def check_export_fits(model: nn.Module, exported: Dict):
+    """Raise ValueError unless `model` quantizes exactly the exported layers, at their bit widths."""
+    _check_format(exported)
     layers = dict(_exported_layers(model))
     missing_layers = sorted(set(exported["packed"]) - set(layers))
     if missing_layers:
@@ -273,11 +271,32 @@ def load_exported(model: nn.Module, exported: Union[Dict, str]) -> nn.Module:
         if (q.bits, q.signed, _quantizer_kind(q, name)) != (entry["bits"], entry["signed"], entry["quantizer"]):
             raise ValueError(f"{name}: the model quantizes weights at {q.bits} bit ({type(q).__name__}), "
                              f"the export at {entry['bits']} bit ({entry['quantizer']})")
-    model.load_state_dict(state, strict=True)
+
+
+def check_requantization(model: nn.Module, exported: Dict):
+    """Raise RuntimeError unless every exported layer's weight quantizer gives its loaded weight back."""
     with torch.no_grad():
         for name in exported["packed"]:
-            layer = layers[name]
-            requantized = layer.weight_quantizer(layer.weight)
+            layer = model.get_submodule(name)
+            quantizer, training = layer.weight_quantizer, layer.weight_quantizer.training
+            quantizer.eval()  # a training-mode min-max quantizer would re-observe the weight
+            requantized = quantizer(layer.weight)
+            quantizer.train(training)
             if not torch.equal(requantized, layer.weight):
                 raise RuntimeError(f"{name}: re-quantizing the dequantized weight changed it")
+
+
+def load_exported(model: nn.Module, exported: Union[Dict, str]) -> nn.Module:
+    """
+    Restore an export into `model`, built from the same config and quantized the same way
+    (its quantizers may be uninitialised). `exported` is the dict or a path to it. Weights
+    become the dequantized values; every exported layer's weight quantizer is checked to give
+    them back unchanged. Returns `model`. (`AQDETRCheckpointer`, hence `MODEL.WEIGHTS`, reads
+    export files the same way.)
+    """
+    if not isinstance(exported, dict):
+        exported = torch.load(exported, map_location="cpu", weights_only=True)
+    check_export_fits(model, exported)
+    model.load_state_dict(exported_state_dict(exported), strict=True)
+    check_requantization(model, exported)
     return model

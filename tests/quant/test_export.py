@@ -162,6 +162,36 @@ def test_load_exported_refuses_other_config(quantized_models, make_cfg):
         load_exported(build_model(float_cfg), exported)
 
 
+def test_export_loads_as_model_weights(quantized_models, make_cfg, tmp_path):
+    """What `MODEL.WEIGHTS export.pth` (train_net --eval-only, the tools) does: Detectron2's
+    checkpointer reads the packed file into the fake-quantized model, outputs unchanged."""
+    from aqdetr_d2.checkpoint import AQDETRCheckpointer, CheckpointMismatchError
+
+    cfg, model = quantized_models["detr_fp32.yaml"]
+    batch = images(1, seed=1)[0]
+    expected = predict(model, batch)
+    path = str(tmp_path / "export.pth")
+    torch.save(export_quantized(model), path)
+    torch.manual_seed(7)
+    fresh = build_model(cfg).eval()
+    AQDETRCheckpointer(fresh).load(path)
+    got = predict(fresh, batch)
+    assert torch.equal(got["pred_logits"], expected["pred_logits"])
+    assert torch.equal(got["pred_boxes"], expected["pred_boxes"])
+
+    cfg8 = make_cfg("shapes/detr_fp32.yaml", "MODEL.QUANT.ENABLED", "True", "MODEL.QUANT.WEIGHT_BITS", "8",
+                    *tiny_opts("detr_fp32.yaml"))
+    with pytest.raises(ValueError, match="at 8 bit"):
+        AQDETRCheckpointer(build_model(cfg8)).load(path)
+    float_cfg = make_cfg("shapes/detr_fp32.yaml", *tiny_opts("detr_fp32.yaml"))
+    with pytest.raises(ValueError, match="not quantized in this model"):
+        AQDETRCheckpointer(build_model(float_cfg)).load(path)
+    # An ordinary checkpoint of another config is still refused as before.
+    torch.save({"model": {"transformer.encoder.layers.0.linear1.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError):
+        AQDETRCheckpointer(build_model(cfg)).load(str(tmp_path / "bad.pth"))
+
+
 # ---------------------------------------------------------------- report
 TOY_PARTS = {"backbone": ["backbone"], "encoder": ["encoder"], "heads": ["input_proj", "class_embed", "bbox_embed"]}
 # ToyDetector on 2 images of 8x8, per image: stem conv 8x8x8 outputs x 27, conv 8x4x4 x 72, input_proj
