@@ -9,7 +9,8 @@ quantized checkpoint, or a float one: its quantizers are then calibrated on
 MODEL.QUANT.CALIB_BATCHES batches of DATASETS.TRAIN[0], as train_net does), and writes
 `aqdetr_d2.quant.export_quantized(model)` with torch.save; the file loads with
 `torch.load(..., weights_only=True)` and `aqdetr_d2.quant.load_exported(model, exported)`
-restores a model whose outputs equal the fake-quantized model's. Format and packing layout:
+restores a model whose outputs equal the fake-quantized model's; `MODEL.WEIGHTS` may also name
+the export (e.g. `train_net.py --eval-only` with the same config). Format and packing layout:
 aqdetr_d2/quant/export.py. Prints what is stored at which bit width and the size on disk
 against the float state dict (saved the same way).
 """
