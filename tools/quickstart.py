@@ -43,6 +43,11 @@ BACKBONE_OPTS = ["MODEL.BACKBONE.NAME", "build_narrow_resnet_backbone", "MODEL.R
 VARIANTS = {"lsq": ("LSQ", False, False), "aux": ("LSQ + aux queries", True, False),
             "distill": ("LSQ + distillation", False, True), "aq": ("AQ-DETR (aux queries + distillation)", True, True)}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# glibc hands every freed block over 32 MB back to the OS, so each new attention-map-sized tensor
+# pays its page faults again; keeping freed memory in the heap made a W4A4A4 AQ-DETR training
+# step ~25% cheaper on a 2-core CPU, with the same results. Other C libraries ignore it; a
+# GLIBC_TUNABLES of the user's own is kept.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647"
 
 
 _START = time.time()
@@ -64,7 +69,8 @@ def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
         for line in proc.stdout:
             log.write(line)
             if "eta:" in line or "copypaste" in line or "Error" in line:

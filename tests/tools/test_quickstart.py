@@ -186,3 +186,23 @@ def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch
     monkeypatch.setattr("sys.argv", argv)
     quickstart.main()  # without --resume, --train-teacher trains afresh
     assert calls[-1] == (str(teacher_dir), [])
+
+
+def test_runs_get_the_malloc_tunables_unless_the_user_set_their_own(quickstart, tmp_path, monkeypatch):
+    envs = []
+
+    class FakeRun:
+        def __init__(self, cmd, env, **kwargs):
+            envs.append(env)
+            self.stdout = iter(["done\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(quickstart.subprocess, "Popen", FakeRun)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    quickstart.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "a.log"))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    quickstart.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "b.log"))
+    assert [e["GLIBC_TUNABLES"] for e in envs] == [quickstart.MALLOC_TUNABLES, "glibc.malloc.arena_max=1"]
+    assert envs[0]["PATH"] == os.environ["PATH"]  # the rest of the environment is passed on
