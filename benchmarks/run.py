@@ -157,7 +157,8 @@ def bench_architecture(arch, configs, device, repeats, workdir):
 
 def markdown(results):
     lines = [f"Device: {results['device']} ({results['machine']}), torch {results['torch']}, "
-             f"threads {results['threads']}. Command: `{results['command']}`", "",
+             f"threads {results['threads']}, GLIBC_TUNABLES `{results.get('glibc_tunables') or 'unset'}`. "
+             f"Command: `{results['command']}`", "",
              "| model | batch | train s/step | train vs float | eval s/img | eval vs float | peak train MB | params |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["models"]:
@@ -187,6 +188,8 @@ def main():
     repeats = 3 if args.quick else 10
     results = {"device": args.device, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
+               # glibc malloc settings change CPU step times a lot (README, "Train and evaluate").
+               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
                "models": [], "export": {}}
     with tempfile.TemporaryDirectory() as workdir:
