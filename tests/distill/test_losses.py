@@ -18,6 +18,16 @@ def _reference_kl(student, teacher):
     return (teacher * ((teacher + EPS).log() - (student + EPS).log())).sum(-1)
 
 
+def _check_against_mean_reference(loss, s_logits, t):
+    """`loss` (computed from softmax(s_logits)) and its gradient equal the mean reference KL's."""
+    (grad,) = torch.autograd.grad(loss, s_logits)
+    ref_logits = s_logits.detach().clone().requires_grad_()
+    ref = _reference_kl(ref_logits.softmax(-1), t).mean()
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_attention_kl_value_and_gradient_match_the_formula():
     s_logits, t = _maps((2, 3, 5, 7), 0).requires_grad_(), _maps((2, 3, 5, 7), 1).softmax(-1)
     valid = torch.tensor([[True] * 5, [True, True, False, True, False]])
@@ -55,12 +65,7 @@ def test_deformable_attention_kl_matches_the_formula():
     s_logits = _maps(shape[:3] + (12,), 2).requires_grad_()
     t = _maps(shape[:3] + (12,), 3).softmax(-1)
     loss = deformable_attention_kl(s_logits.softmax(-1).view(shape), t.view(shape))
-    (grad,) = torch.autograd.grad(loss, s_logits)
-    ref_logits = s_logits.detach().clone().requires_grad_()
-    ref = _reference_kl(ref_logits.softmax(-1), t).mean()
-    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
-    assert torch.allclose(loss, ref, rtol=1e-5)
-    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    _check_against_mean_reference(loss, s_logits, t)
 
 
 def test_attention_kl_of_non_contiguous_maps():
@@ -69,10 +74,4 @@ def test_attention_kl_of_non_contiguous_maps():
     t = _maps((2, 5, 3, 7), 6).softmax(-1)
     s_map, t_map = s_logits.softmax(-1).transpose(1, 2), t.transpose(1, 2)  # (B, H, L, S) views
     assert not s_map.is_contiguous()
-    loss = attention_kl(s_map, t_map)
-    (grad,) = torch.autograd.grad(loss, s_logits)
-    ref_logits = s_logits.detach().clone().requires_grad_()
-    ref = _reference_kl(ref_logits.softmax(-1), t).mean()
-    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
-    assert torch.allclose(loss, ref, rtol=1e-5)
-    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    _check_against_mean_reference(attention_kl(s_map, t_map), s_logits, t)
