@@ -62,12 +62,17 @@ def train_net_command(config: str, output_dir: str, opts):
     return [sys.executable, TRAIN_NET, "--config-file", os.path.join(ROOT, config), *opts, "OUTPUT_DIR", output_dir]
 
 
+def log_header(cmd) -> str:
+    """The first line of a run's log: the command it ran."""
+    return "$ " + " ".join(cmd) + "\n"
+
+
 def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
     """Run train_net.py; its output goes to the terminal and `log_path`. Returns seconds taken."""
     cmd = train_net_command(config, output_dir, opts)
     start = time.time()
     with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+        log.write(log_header(cmd))
         log.flush()
         env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
@@ -80,14 +85,22 @@ def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
     return time.time() - start
 
 
+def _copypaste_metrics(lines):
+    """The COCO box metrics in Detectron2's "copypaste" lines among `lines`, or None."""
+    values = [line.split("copypaste: ", 1)[1].strip() for line in lines if "copypaste: " in line]
+    for header, row in zip(values, values[1:]):
+        if header.startswith("AP,AP50"):
+            return dict(zip(header.split(","), (float(v) for v in row.split(","))))
+    return None
+
+
 def evaluated_metrics(log_path: str):
     """The COCO box metrics an `--eval-only` run printed (Detectron2's "copypaste" lines)."""
     with open(log_path) as f:
-        lines = [line.split("copypaste: ", 1)[1].strip() for line in f if "copypaste: " in line]
-    for header, values in zip(lines, lines[1:]):
-        if header.startswith("AP,AP50"):
-            return dict(zip(header.split(","), (float(v) for v in values.split(","))))
-    raise SystemExit(f"no COCO evaluation in {log_path}")
+        metrics = _copypaste_metrics(f)
+    if metrics is None:
+        raise SystemExit(f"no COCO evaluation in {log_path}")
+    return metrics
 
 
 def logged_evaluation(config: str, output_dir: str, opts, log_path: str):
@@ -95,14 +108,10 @@ def logged_evaluation(config: str, output_dir: str, opts, log_path: str):
     them (the log's first line is the command), else None: `--resume` then skips the re-evaluation."""
     try:
         with open(log_path) as f:
-            command = f.readline().rstrip("\n")
+            if f.readline() != log_header(train_net_command(config, output_dir, opts)):
+                return None
+            return _copypaste_metrics(f)
     except OSError:
-        return None
-    if command != "$ " + " ".join(train_net_command(config, output_dir, opts)):
-        return None
-    try:
-        return evaluated_metrics(log_path)
-    except SystemExit:
         return None
 
 

@@ -31,6 +31,7 @@ queries from their encoder, so each shows its own top queries.
 """
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Dict, List, Optional
@@ -226,7 +227,7 @@ def cmd_histograms(args) -> str:
                                  title=f"{cfg.MODEL.META_ARCHITECTURE}: decoder query values, "
                                        f"{len(inputs)} images of {name}")
     for lid, row in enumerate(stats):
-        diff = f"{row['mean_abs_diff']:.4f}" if paired else "n/a (unpaired queries)"
+        diff = "n/a (unpaired queries)" if math.isnan(row["mean_abs_diff"]) else f"{row['mean_abs_diff']:.4f}"
         print(f"decoder layer {lid}: KL {row['kl']:.4f}  mean|diff| {diff}  "
               f"teacher {row['teacher_mean']:+.3f}+-{row['teacher_std']:.3f}  "
               f"student {row['student_mean']:+.3f}+-{row['student_std']:.3f}")
