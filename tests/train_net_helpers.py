@@ -54,3 +54,29 @@ def load_train_net(project_root):
         MetadataCatalog.get(SMALL_VAL).set(thing_classes=MetadataCatalog.get("shapes_val").thing_classes,
                                            evaluator_type="coco")
     return module
+
+
+NODES = {"detr_fp32.yaml": "DETR", "deformable_detr_fp32.yaml": "DEFORMABLE_DETR"}
+STUDENTS = {"detr_fp32.yaml": "aqdetr_w4a4.yaml", "deformable_detr_fp32.yaml": "aq_deformable_detr_w4a4.yaml"}
+
+
+def write_teacher(train_net, config, tmp_path, project_root):
+    """Train a tiny float teacher for 2 steps; returns (teacher yaml, teacher checkpoint, student opts)."""
+    teacher_dir = tmp_path / "teacher"
+    _run(train_net, config, teacher_dir, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()")
+    tiny = TINY[config]
+    lines = [f'_BASE_: "{os.path.join(project_root, "configs", "shapes", config)}"', "MODEL:",
+             f"  {NODES[config]}:"]
+    lines += [f"    {k.split('.')[-1]}: {v}" for k, v in zip(tiny[::2], tiny[1::2])]
+    yaml = tmp_path / "teacher.yaml"
+    yaml.write_text("\n".join(lines) + "\n")
+    weights = str(teacher_dir / "model_final.pth")
+    student = ["MODEL.WEIGHTS", weights, "MODEL.DISTILL.TEACHER_CONFIG", str(yaml),
+               "MODEL.DISTILL.TEACHER_WEIGHTS", weights, "MODEL.QUANT.CALIB_BATCHES", "1",
+               "MODEL.AUX_QUERIES.NUM_QUERIES", "60"]
+    return str(yaml), weights, student
+
+
+def student_cfg(make_cfg, config, extra):
+    """The tiny W4A4A4 AQ-DETR student of teacher `config` (a `make_cfg` config), with `extra` options."""
+    return make_cfg(os.path.join("shapes", STUDENTS[config]), *COMMON[2:], *TINY[config], *extra)

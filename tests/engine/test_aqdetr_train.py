@@ -7,41 +7,16 @@ import sys
 import pytest
 import torch
 
-from train_net_helpers import COMMON, SMALL_VAL, TINY, _run
+from train_net_helpers import COMMON, SMALL_VAL, STUDENTS, TINY, student_cfg, _run, write_teacher
 
 from detectron2.engine import default_argument_parser
 
 from aqdetr_d2.engine import AQDETRTrainer
 
-NODES = {"detr_fp32.yaml": "DETR", "deformable_detr_fp32.yaml": "DEFORMABLE_DETR"}
-STUDENTS = {"detr_fp32.yaml": "aqdetr_w4a4.yaml", "deformable_detr_fp32.yaml": "aq_deformable_detr_w4a4.yaml"}
-
-
-def write_teacher(train_net, config, tmp_path, project_root):
-    """Train a tiny float teacher for 2 steps; returns (teacher yaml, teacher checkpoint, student opts)."""
-    teacher_dir = tmp_path / "teacher"
-    _run(train_net, config, teacher_dir, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()")
-    tiny = TINY[config]
-    lines = [f'_BASE_: "{os.path.join(project_root, "configs", "shapes", config)}"', "MODEL:",
-             f"  {NODES[config]}:"]
-    lines += [f"    {k.split('.')[-1]}: {v}" for k, v in zip(tiny[::2], tiny[1::2])]
-    yaml = tmp_path / "teacher.yaml"
-    yaml.write_text("\n".join(lines) + "\n")
-    weights = str(teacher_dir / "model_final.pth")
-    student = ["MODEL.WEIGHTS", weights, "MODEL.DISTILL.TEACHER_CONFIG", str(yaml),
-               "MODEL.DISTILL.TEACHER_WEIGHTS", weights, "MODEL.QUANT.CALIB_BATCHES", "1",
-               "MODEL.AUX_QUERIES.NUM_QUERIES", "60"]
-    return str(yaml), weights, student
-
-
-def _student_cfg(make_cfg, config, extra):
-    return make_cfg(os.path.join("shapes", STUDENTS[config]), *COMMON[2:], *TINY[config], *extra)
-
-
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
 def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, project_root, tmp_path, config):
     _, teacher_weights, opts = write_teacher(train_net, config, tmp_path, project_root)
-    cfg = _student_cfg(make_cfg, config, [*opts, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "student"),
+    cfg = student_cfg(make_cfg, config, [*opts, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "student"),
                                           "DATASETS.TEST", f"('{SMALL_VAL}',)"])
     trainer = AQDETRTrainer(cfg)
     trainer.resume_or_load(resume=False)
