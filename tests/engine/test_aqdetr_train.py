@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from train_net_helpers import COMMON, SMALL_VAL, STUDENTS, TINY, student_cfg, _run, write_teacher
+from train_net_helpers import COMMON, SMALL_VAL, STUDENTS, TINY, student_cfg, write_teacher
 
 from detectron2.engine import default_argument_parser
 
