@@ -31,7 +31,7 @@ ARCHS = {
     "deformable": {"teacher": "configs/shapes/deformable_detr_fp32.yaml", "student": "configs/shapes/aq_deformable_detr_{p}.yaml",
                    "teacher_iters": 3500, "teacher_lr_drop": 3000},
     "detr": {"teacher": "configs/shapes/detr_fp32.yaml", "student": "configs/shapes/aqdetr_{p}.yaml",
-             "teacher_iters": 6000, "teacher_lr_drop": 5000},
+             "teacher_iters": 9000, "teacher_lr_drop": 8000},
 }
 # --precision -> the bits it names: weights, activations, attention.
 PRECISIONS = {"w4a4": "W4A4A4", "w3a3": "W3A3A3", "w2a2": "W2A2A2", "w4a4a8": "W4A4A8"}
@@ -219,7 +219,7 @@ def main():
                              "seeds to an earlier table, or to finish an interrupted run)")
     parser.add_argument("--train-teacher", action="store_true", help="train the teacher even if one is committed")
     parser.add_argument("--teacher-iters", type=int, default=None,
-                        help="override the teacher's iterations (DETR 6000, Deformable-DETR 3500)")
+                        help="override the teacher's iterations (DETR 9000, Deformable-DETR 3500)")
     parser.add_argument("--teacher-only", action="store_true", help="stop once the teacher is trained and checked")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
     args = parser.parse_args()

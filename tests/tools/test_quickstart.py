@@ -159,9 +159,9 @@ def test_teacher_schedules(quickstart):
     # Deformable-DETR: the schedule its committed teacher was trained with (docs/quickstart/README.md).
     assert opts("deformable") == {"SOLVER.MAX_ITER": "3500", "SOLVER.STEPS": "(3000,)", "TEST.EVAL_PERIOD": "700",
                                   "SOLVER.CHECKPOINT_PERIOD": "700"}
-    assert opts("detr")["SOLVER.MAX_ITER"] == "6000" and opts("detr")["SOLVER.STEPS"] == "(5000,)"
+    assert opts("detr")["SOLVER.MAX_ITER"] == "9000" and opts("detr")["SOLVER.STEPS"] == "(8000,)"
     # --teacher-iters keeps the learning-rate drop at the same fraction of the run.
-    assert opts("detr", 1200)["SOLVER.STEPS"] == "(1000,)" and opts("detr", 1200)["TEST.EVAL_PERIOD"] == "240"
+    assert opts("detr", 1800)["SOLVER.STEPS"] == "(1600,)" and opts("detr", 1800)["TEST.EVAL_PERIOD"] == "360"
 
 
 def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch):
