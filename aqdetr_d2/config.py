@@ -63,6 +63,7 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.QUANT.QUANTIZER = "lsq"  # "lsq", "lsq+" (learnable offset) or "minmax" (PTQ baseline)
     cfg.MODEL.QUANT.LEARNABLE_OFFSET = False  # LSQ+ offset on activations with QUANTIZER "lsq"
     cfg.MODEL.QUANT.ATTN_PER_HEAD = True  # one attention step size per head, else per tensor
+    cfg.MODEL.QUANT.ATTN_PROB_INIT = "lsq"  # softmax-output step sizes: "lsq" (2 mean / sqrt(Qp)) or "mse" (least error)
     cfg.MODEL.QUANT.PARTS = ["BACKBONE", "ENCODER", "DECODER", "HEADS"]  # parts that get quantized
     cfg.MODEL.QUANT.KEEP_FP_DEFAULTS = True  # keep stem conv, input proj, class head, last box layer float
     cfg.MODEL.QUANT.KEEP_FP_PATTERNS = []  # more module-name globs kept float

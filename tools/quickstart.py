@@ -257,7 +257,7 @@ def main():
     for name, run, config, opts in [
         ("full precision (teacher)", "teacher_eval", os.path.relpath(teacher_cfg, ROOT), ["MODEL.WEIGHTS", teacher]),
         (f"PTQ min-max {bits} (no training)", "ptq", student_cfg,
-         common + ["MODEL.QUANT.QUANTIZER", "minmax", "MODEL.QUANT.CALIB_BATCHES", "8",
+         common + ["MODEL.QUANT.QUANTIZER", "minmax", "MODEL.QUANT.ATTN_PROB_INIT", "lsq", "MODEL.QUANT.CALIB_BATCHES", "8",
                    "MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]),
     ]:
         run_dir = os.path.join(args.output, run)

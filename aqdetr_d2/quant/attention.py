@@ -46,21 +46,17 @@ def point_quantizer(
     quantizer: str = "lsq",
     num_heads: Optional[int] = None,
     per_head: bool = True,
+    prob_init: str = "lsq",
 ) -> nn.Module:
-    """Quantizer for quantization point `point` (a key of QUANT_POINTS)."""
+    """Quantizer for quantization point `point` (a key of QUANT_POINTS); `prob_init` is the LSQ
+    step-size initialisation of the softmax-output points ("lsq" or "mse")."""
     if point not in QUANT_POINTS:
         raise ValueError(f"unknown quantization point {point!r}; known: {sorted(QUANT_POINTS)}")
     spec = QUANT_POINTS[point]
+    kwargs = {} if spec.signed or prob_init == "lsq" else {"init": prob_init}
     if per_head:
-        return build_quantizer(
-            quantizer,
-            bits,
-            signed=spec.signed,
-            granularity="head",
-            ch_axis=spec.head_axis,
-            num_channels=num_heads,
-        )
-    return build_quantizer(quantizer, bits, signed=spec.signed, granularity="tensor")
+        kwargs.update(granularity="head", ch_axis=spec.head_axis, num_channels=num_heads)
+    return build_quantizer(quantizer, bits, signed=spec.signed, **kwargs)
 
 
 def attention_quantizers(

@@ -17,7 +17,7 @@ from torch import nn
 
 from .attention import QUANT_POINTS, point_quantizer
 from .modules import QuantConv2d, QuantLinear
-from .quantizers import QUANTIZER_REGISTRY, QuantizerBase, build_quantizer, check_bits
+from .quantizers import LSQ_INITS, QUANTIZER_REGISTRY, QuantizerBase, build_quantizer, check_bits
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class QuantConfig:
         unsigned_act_patterns: layers whose input is non-negative (e.g. after a ReLU): their
             input quantizer uses the unsigned range.
         attn_per_head: one step size per head for attention tensors, else one per tensor.
+        attn_prob_init: LSQ step-size initialisation of the softmax outputs (attention
+            probabilities, deformable attention weights): "lsq" (the LSQ rule) or "mse".
     """
 
     weight_bits: int = 4
@@ -68,6 +70,7 @@ class QuantConfig:
     int8_patterns: Sequence[str] = ()
     unsigned_act_patterns: Sequence[str] = ()
     attn_per_head: bool = True
+    attn_prob_init: str = "lsq"
 
     def __post_init__(self):
         check_bits(self.weight_bits, "WEIGHT_BITS")
@@ -79,6 +82,11 @@ class QuantConfig:
             )
         if self.learnable_offset and self.quantizer == "minmax":
             raise ValueError("learnable_offset needs an LSQ quantizer; got quantizer='minmax'")
+        if self.attn_prob_init not in LSQ_INITS:
+            raise ValueError(f"attn_prob_init must be one of {LSQ_INITS}; got {self.attn_prob_init!r}")
+        if self.attn_prob_init != "lsq" and self.act_quantizer != "lsq":
+            raise ValueError(f"attn_prob_init={self.attn_prob_init!r} initialises LSQ step sizes without "
+                             "an offset; use quantizer 'lsq' without learnable_offset, or attn_prob_init 'lsq'")
         for name in _PATTERN_FIELDS:
             value = getattr(self, name)
             # A bare string would be iterated character by character.
@@ -200,7 +208,7 @@ def _quantize_point(parent: nn.Module, point: str, names: List[str], qcfg: Quant
             f"{type(parent).__name__} has no `num_heads` or `n_heads` attribute; add one or set "
             "attn_per_head=False"
         )
-    quantizer = point_quantizer(point, bits, qcfg.act_quantizer, num_heads, qcfg.attn_per_head)
+    quantizer = point_quantizer(point, bits, qcfg.act_quantizer, num_heads, qcfg.attn_per_head, qcfg.attn_prob_init)
     device = _device_of(parent)
     return quantizer if device is None else quantizer.to(device)
 

@@ -18,6 +18,12 @@ from torch import nn
 
 VALID_BITS = (2, 3, 4, 8, 32)
 GRANULARITIES = ("tensor", "channel", "head")
+# LSQ step-size initialisations: the LSQ paper's rule, or the least squared error.
+LSQ_INITS = ("lsq", "mse")
+# The "mse" search: points of its coarse and of its fine grid, and elements per step size it
+# reads (evenly strided).
+_MSE_GRID = 32
+_MSE_SAMPLES = 2**18
 
 # Neutral element of each reduction, for a DDP rank that saw no data during calibration.
 _NEUTRAL = {"sum": 0.0, "min": math.inf, "max": -math.inf}
@@ -310,9 +316,13 @@ class LSQQuantizer(QuantizerBase):
     Learned step size quantization (Esser et al. 2020), with an optional learnable offset
     (LSQ+, Bhalgat et al. 2020) for asymmetric activations.
 
-    Initialisation: s = 2 * mean(|x|) / sqrt(Qp) per step size. With an offset b:
+    Initialisation ("lsq"): s = 2 * mean(|x|) / sqrt(Qp) per step size. With an offset b:
     unsigned, b = min(x) and s = 2 * mean(x - b) / sqrt(Qp) (the smallest value gets code 0);
     signed, b = (min(x) + max(x)) / 2 and s = 2 * mean(|x|) / sqrt(Qp).
+    Initialisation "mse" (no offset): per calibration batch, the step size that minimises the
+    squared quantization error over a geometric grid from a quarter of the "lsq" step to the
+    step that clips nothing, averaged over batches. The "lsq" rule suits bell-shaped tensors;
+    on softmax outputs (mean 1 / keys, peaks near 1) it clips every peak.
     The step-size gradient is scaled by g = 1 / sqrt(N * Qp), N = elements per step size.
 
     Args:
@@ -323,6 +333,7 @@ class LSQQuantizer(QuantizerBase):
         num_channels: size of that axis; may be left None and is then taken on first use.
         learnable_offset: add the LSQ+ offset.
         eps: lower bound of the step size used in the forward pass.
+        init: step-size initialisation, "lsq" or "mse" (see above).
     """
 
     def __init__(
@@ -334,10 +345,16 @@ class LSQQuantizer(QuantizerBase):
         num_channels: Optional[int] = None,
         learnable_offset: bool = False,
         eps: float = 1e-8,
+        init: str = "lsq",
     ):
         super().__init__(bits, signed, granularity, ch_axis, num_channels)
+        if init not in LSQ_INITS:
+            raise ValueError(f"init must be one of {LSQ_INITS}; got {init!r}")
+        if init == "mse" and learnable_offset:
+            raise ValueError('init="mse" searches the step size alone; it cannot initialise an LSQ+ offset')
         self.learnable_offset = learnable_offset
         self.eps = eps
+        self.init = init
         if self.enabled:
             shape = self._qparam_shape(num_channels)
             self.scale = nn.Parameter(torch.ones(shape))
@@ -355,9 +372,34 @@ class LSQQuantizer(QuantizerBase):
             stats["sum"] = (flat.sum(1, dtype=torch.float32), "sum")
             stats["min"] = (flat.amin(1).float(), "min")
             stats["max"] = (flat.amax(1).float(), "max")
+        if self.init == "mse":
+            stats["mse_scale_sum"] = (self._least_squares_scale(flat), "sum")
+            stats["batches"] = (flat.new_ones(flat.shape[0], dtype=torch.float32), "sum")
         return stats
 
+    def _least_squares_scale(self, flat: torch.Tensor) -> torch.Tensor:
+        """(C,) step sizes of least squared quantization error for the rows of flat (C, N): a
+        geometric grid from a quarter of the "lsq" step to the step that clips nothing, then a
+        finer one between the best point's neighbours."""
+        x = flat[:, :: max(1, flat.shape[1] // _MSE_SAMPLES)].float()
+        lsq = (2 * x.abs().mean(1) / math.sqrt(self.qmax)).clamp_min(self.eps)
+        low, high = lsq / 4, torch.maximum(x.abs().amax(1) / self.qmax, lsq)
+        fractions = torch.linspace(0, 1, _MSE_GRID, device=x.device)
+        for _ in range(2):
+            grid = low[:, None] * (high / low)[:, None] ** fractions
+            errors = torch.stack([
+                (x / s[:, None]).round_().clamp_(self.qmin, self.qmax).mul_(s[:, None]).sub_(x).square_().sum(1)
+                for s in grid.unbind(1)
+            ], 1)
+            best = errors.argmin(1, keepdim=True)
+            low = grid.gather(1, (best - 1).clamp_min(0)).squeeze(1)
+            high = grid.gather(1, (best + 1).clamp_max(_MSE_GRID - 1)).squeeze(1)
+        return grid.gather(1, best).squeeze(1)
+
     def _set_qparams(self, stats):
+        if self.init == "mse":
+            self.scale.copy_((stats["mse_scale_sum"] / stats["batches"]).clamp_min(self.eps))
+            return
         spread = stats["abs_sum"] / stats["count"]
         if self.learnable_offset:
             if self.signed:
@@ -397,7 +439,8 @@ class LSQQuantizer(QuantizerBase):
         return codes.to(self._code_dtype()), scale, zero_point
 
     def extra_repr(self):
-        return super().extra_repr() + (", learnable_offset=True" if self.learnable_offset else "")
+        return (super().extra_repr() + (", learnable_offset=True" if self.learnable_offset else "")
+                + (f", init={self.init}" if self.init != "lsq" else ""))
 
 
 class LSQPlusQuantizer(LSQQuantizer):

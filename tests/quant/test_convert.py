@@ -175,6 +175,11 @@ def test_config_errors():
         QuantConfig(quantizer="lsq2")
     with pytest.raises(ValueError, match="learnable_offset needs an LSQ quantizer"):
         QuantConfig(quantizer="minmax", learnable_offset=True)
+    with pytest.raises(ValueError, match="attn_prob_init must be one of"):
+        QuantConfig(attn_prob_init="max")
+    for other in ({"quantizer": "minmax"}, {"quantizer": "lsq+"}, {"learnable_offset": True}):
+        with pytest.raises(ValueError, match="without an offset"):
+            QuantConfig(attn_prob_init="mse", **other)
 
 
 def test_unswappable_modules_are_refused():

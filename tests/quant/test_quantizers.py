@@ -263,3 +263,50 @@ def test_empty_input_does_not_initialise():
     x = torch.randn(3, 5)
     q(x)
     assert torch.allclose(q.scale.detach(), 2 * x.abs().mean(1) / math.sqrt(7))
+
+
+def _squared_error(x, scale, qmin, qmax):
+    return ((x / scale).round().clamp(qmin, qmax) * scale - x).square().sum().item()
+
+
+def test_mse_init_finds_the_least_squared_error_step():
+    # Softmax rows over 400 keys, as in attention: mean 1/400, a few peaks near 1.
+    gen = torch.Generator().manual_seed(0)
+    probs = (torch.randn(2, 3, 50, 400, generator=gen) * 3).softmax(-1)
+    q = LSQQuantizer(4, signed=False, granularity="head", ch_axis=1, num_channels=3, init="mse")
+    lsq = LSQQuantizer(4, signed=False, granularity="head", ch_axis=1, num_channels=3)
+    for quantizer in (q, lsq):
+        with calibration(quantizer):
+            quantizer(probs)
+    for head in range(3):
+        x = probs[:, head]
+        # Naive reference: every step on a dense grid from 1e-4 to max / Qp.
+        dense = torch.logspace(-4, math.log10(x.max().item() / 15), 2000)
+        best = min(_squared_error(x, s, 0, 15) for s in dense)
+        found = _squared_error(x, q.scale[head], 0, 15)
+        assert found <= 1.002 * best
+        assert found < 0.1 * _squared_error(x, lsq.scale[head], 0, 15)
+
+
+def test_mse_init_averages_the_per_batch_steps():
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 300, generator=gen) * k).softmax(-1) for k in (2.0, 4.0)]
+    single = []
+    for batch in batches:
+        q = LSQQuantizer(4, signed=False, init="mse")
+        with calibration(q):
+            q(batch)
+        single.append(q.scale.item())
+    both = LSQQuantizer(4, signed=False, init="mse")
+    with calibration(both):
+        for batch in batches:
+            both(batch)
+    assert single[0] != single[1]
+    assert both.scale.item() == pytest.approx(sum(single) / 2, rel=1e-6)
+
+
+def test_invalid_inits_rejected():
+    with pytest.raises(ValueError, match="init must be one of"):
+        LSQQuantizer(4, init="max")
+    with pytest.raises(ValueError, match="offset"):
+        LSQQuantizer(4, init="mse", learnable_offset=True)
