@@ -15,7 +15,7 @@ from aqdetr_d2.checkpoint import AQDETRCheckpointer
 from aqdetr_d2.engine import AQDETRTrainer
 from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
 from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
-from aqdetr_d2.quant import LSQQuantizer, export_quantized, load_exported, quant_range
+from aqdetr_d2.quant import LSQQuantizer, calibration, export_quantized, load_exported, quant_range
 
 DEVICE = os.environ.get("AQDETR_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
@@ -56,6 +56,22 @@ def test_lsq_forward_and_gradients_match_cpu_and_torch(bits, channels):
     cpu, dev = results["cpu"], results[DEVICE]
     assert torch.equal(dev[0], cpu[0]) and torch.equal(dev[1], cpu[1])
     torch.testing.assert_close(dev[2], cpu[2], rtol=1e-5, atol=1e-6)  # a sum: order of additions differs
+
+
+def test_least_squares_step_search_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    probs = (torch.randn(4, 8, 100, 432, generator=gen) * 3).softmax(-1)
+    scales, errors = {}, {}
+    for device in ("cpu", DEVICE):
+        q = LSQQuantizer(4, signed=False, granularity="head", ch_axis=1, num_channels=8, init="mse").to(device)
+        with calibration(q):
+            q(probs.to(device))
+        scales[device] = q.scale.detach().cpu()
+        with torch.no_grad():
+            errors[device] = (q(probs.to(device)).cpu() - probs).square().sum((0, 2, 3))
+    assert (scales["cpu"] > 0.02).all()  # far above the LSQ rule's 2 / (432 sqrt(15))
+    # Sums in another order may tip the search to a neighbouring grid point: compare its error.
+    torch.testing.assert_close(errors[DEVICE], errors["cpu"], rtol=1e-3, atol=0)
 
 
 def test_deformable_attention_matches_float64_reference():
