@@ -83,10 +83,12 @@ class QuantConfig:
         if self.learnable_offset and self.quantizer == "minmax":
             raise ValueError("learnable_offset needs an LSQ quantizer; got quantizer='minmax'")
         if self.attn_prob_init not in LSQ_INITS:
-            raise ValueError(f"attn_prob_init must be one of {LSQ_INITS}; got {self.attn_prob_init!r}")
+            raise ValueError(f"attn_prob_init (MODEL.QUANT.ATTN_PROB_INIT) must be one of {LSQ_INITS}; "
+                             f"got {self.attn_prob_init!r}")
         if self.attn_prob_init != "lsq" and self.act_quantizer != "lsq":
-            raise ValueError(f"attn_prob_init={self.attn_prob_init!r} initialises LSQ step sizes without "
-                             "an offset; use quantizer 'lsq' without learnable_offset, or attn_prob_init 'lsq'")
+            raise ValueError(f"attn_prob_init (MODEL.QUANT.ATTN_PROB_INIT) {self.attn_prob_init!r} initialises "
+                             "LSQ step sizes without an offset; use quantizer 'lsq' without learnable_offset, "
+                             "or attn_prob_init 'lsq'")
         for name in _PATTERN_FIELDS:
             value = getattr(self, name)
             # A bare string would be iterated character by character.

@@ -175,10 +175,10 @@ def test_config_errors():
         QuantConfig(quantizer="lsq2")
     with pytest.raises(ValueError, match="learnable_offset needs an LSQ quantizer"):
         QuantConfig(quantizer="minmax", learnable_offset=True)
-    with pytest.raises(ValueError, match="attn_prob_init must be one of"):
+    with pytest.raises(ValueError, match=r"attn_prob_init \(MODEL.QUANT.ATTN_PROB_INIT\) must be one of"):
         QuantConfig(attn_prob_init="max")
     for other in ({"quantizer": "minmax"}, {"quantizer": "lsq+"}, {"learnable_offset": True}):
-        with pytest.raises(ValueError, match="without an offset"):
+        with pytest.raises(ValueError, match=r"ATTN_PROB_INIT\) 'mse' initialises LSQ step sizes without an offset"):
             QuantConfig(attn_prob_init="mse", **other)
 
 
