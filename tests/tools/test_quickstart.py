@@ -137,18 +137,29 @@ def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
     first = argparse.Namespace(output=str(tmp_path), arch="detr", precision="w4a4", resume=False)
     quickstart.write_results(first, [teacher] + [row(n, 40.0 + i, [1]) for i, n in enumerate(names)])
 
-    # Seed 2 of LSQ and AQ-DETR only: the other two rows come back from the first table, in order.
+    # Seed 2 of LSQ and AQ-DETR only: the other rows come back from the first table, in order.
+    lsq, aq = quickstart.VARIANTS["lsq"][0], quickstart.VARIANTS["aq"][0]
     second = argparse.Namespace(**{**vars(first), "resume": True})
-    rows = quickstart.with_previous_rows(second, [teacher, row(names[0], 50.0, [1, 2]), row(names[3], 51.0, [1, 2])])
+    rows = quickstart.with_previous_rows(second, [teacher, row(lsq, 50.0, [1, 2]), row(aq, 51.0, [1, 2])])
     assert [r["name"] for r in rows] == ["teacher"] + names
-    assert [r["AP"] for r in rows] == [70.0, 50.0, 41.0, 42.0, 51.0]
-    assert [bool(r.get("kept")) for r in rows] == [False, False, True, True, False]
+    retrained = {lsq: 50.0, aq: 51.0}
+    assert [r["AP"] for r in rows] == [70.0] + [retrained.get(n, 40.0 + i) for i, n in enumerate(names)]
+    assert [bool(r.get("kept")) for r in rows] == [False] + [n not in retrained for n in names]
     quickstart.write_results(second, rows)
-    assert "Kept from the earlier run in this folder: " + ", ".join(names[1:3]) in (tmp_path / "results.md").read_text()
+    kept = [n for n in names if n not in retrained]
+    assert "Kept from the earlier run in this folder: " + ", ".join(kept) in (tmp_path / "results.md").read_text()
 
     # A table of another precision is not mixed in.
     other = argparse.Namespace(**{**vars(second), "precision": "w3a3"})
     assert [r["name"] for r in quickstart.with_previous_rows(other, [teacher])] == ["teacher"]
+
+
+def test_variants(quickstart):
+    # By default the four quantized rows of the paper's ablation; "fp" is the unquantized control.
+    assert quickstart.DEFAULT_VARIANTS == ["lsq", "aux", "distill", "aq"]
+    flags = {k: v[1:] for k, v in quickstart.VARIANTS.items()}
+    assert flags == {"fp": (False, False, False), "lsq": (True, False, False), "aux": (True, True, False),
+                     "distill": (True, False, True), "aq": (True, True, True)}
 
 
 def test_teacher_schedules(quickstart):
