@@ -102,6 +102,11 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1  # maximum gradient norm
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0  # p of the p-norm
 
+    # Average of the weights over training (d2go's key names); evaluation and inference use it.
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False  # keep an exponential moving average of the weights and evaluate it
+    cfg.MODEL_EMA.DECAY = 0.999  # per-iteration weight of the old average (averages ~1/(1-DECAY) iterations)
+
     add_detr_input_config(cfg)
     cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts
 

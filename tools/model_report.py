@@ -47,7 +47,7 @@ def main():
     if args.load_weights and cfg.MODEL.WEIGHTS:
         from aqdetr_d2.engine import AQDETRCheckpointer
 
-        AQDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AQDETRCheckpointer(model, use_ema=cfg.MODEL_EMA.ENABLED).load(cfg.MODEL.WEIGHTS)
     height, width = args.image_size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)

@@ -27,14 +27,26 @@ class AQDETRCheckpointer(DetectionCheckpointer):
     It also reads the packed integer files of `tools/export_quantized.py` (so `MODEL.WEIGHTS`
     may name one): they load as the fake-quantized model they were exported from, provided the
     config quantizes the same layers at the same bit widths.
+
+    With `use_ema` (inference with `MODEL_EMA.ENABLED`) a checkpoint's averaged weights
+    ("model_ema") load in place of its trained ones; a checkpoint without them loads as it is.
     """
 
-    def __init__(self, model, save_dir="", *, require_complete: bool = False, **checkpointables):
+    def __init__(self, model, save_dir="", *, require_complete: bool = False, use_ema: bool = False,
+                 **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.require_complete = require_complete
+        self.use_ema = use_ema
 
     def _load_file(self, filename):
         loaded = super()._load_file(filename)
+        if self.use_ema:
+            if "model_ema" in loaded:
+                self.logger.info("Loading the averaged weights (model_ema) of %s", filename)
+                loaded["model"] = loaded.pop("model_ema")["weights"]
+            else:
+                self.logger.warning("MODEL_EMA.ENABLED, but %s holds no averaged weights; loading its "
+                                    "weights as they are", filename)
         if is_export(loaded.get("model")):
             export = loaded["model"]
             loaded = {"model": exported_state_dict(export), _EXPORT_KEY: export}

@@ -6,7 +6,7 @@ import weakref
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -15,6 +15,7 @@ from ..checkpoint import AQDETRCheckpointer
 from ..data import DetrDatasetMapper, check_dataset_dicts
 from ..distill import build_distiller
 from .calibration import initialize_quantizers
+from .ema import EMAHook, ModelEMA
 from .optimizer import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class AQDETRTrainer(DefaultTrainer):
     checkpointer that refuses mismatched weights, DDP that also works on the CPU, quantizer
     calibration after loading, and (with `MODEL.DISTILL.ENABLED`) a frozen teacher attached to
     the student, outside its state_dict, optimizer and DDP; the inherited `run_step` trains.
+    With `MODEL_EMA.ENABLED` it keeps an average of the weights, checkpointed as "model_ema",
+    and evaluates that average instead of the trained weights.
     """
 
     def __init__(self, cfg):
@@ -69,7 +72,9 @@ class AQDETRTrainer(DefaultTrainer):
         model = create_ddp_model(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AQDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.model_ema = ModelEMA(cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        extra = {"model_ema": self.model_ema} if self.model_ema is not None else {}
+        self.checkpointer = AQDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -85,6 +90,22 @@ class AQDETRTrainer(DefaultTrainer):
         """Load weights (or resume), then calibrate any quantizer the checkpoint did not set."""
         super().resume_or_load(resume=resume)
         initialize_quantizers(self.cfg, self.model)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.model_ema is None:
+            return ret
+        # After the LR scheduler, before the checkpointer and the evaluation that should see this step.
+        ret.insert(2, EMAHook(self.model_ema, self.model))
+        evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
+        for i in evals:
+            ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
+        return ret
+
+    def _test_averaged_weights(self):
+        with self.model_ema.applied(self.model):
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -37,7 +37,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = AQDETRTrainer.build_model(cfg)
-        AQDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = AQDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR, use_ema=cfg.MODEL_EMA.ENABLED)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         initialize_quantizers(cfg, model)
         results = AQDETRTrainer.test(cfg, model)
         verify_results(cfg, results)
