@@ -40,6 +40,9 @@ class AQDETRCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         loaded = super()._load_file(filename)
+        if is_export(loaded.get("model")):
+            export = loaded["model"]
+            return {"model": exported_state_dict(export), _EXPORT_KEY: export}
         if self.use_ema:
             if "model_ema" in loaded:
                 self.logger.info("Loading the averaged weights (model_ema) of %s", filename)
@@ -47,9 +50,6 @@ class AQDETRCheckpointer(DetectionCheckpointer):
             else:
                 self.logger.warning("MODEL_EMA.ENABLED, but %s holds no averaged weights; loading its "
                                     "weights as they are", filename)
-        if is_export(loaded.get("model")):
-            export = loaded["model"]
-            loaded = {"model": exported_state_dict(export), _EXPORT_KEY: export}
         return loaded
 
     def _load_model(self, checkpoint):

@@ -49,8 +49,9 @@ def initialize_quantizers(cfg, model: nn.Module) -> int:
 
 def build_calibrated_model(cfg, weights: Optional[str] = None) -> nn.Module:
     """The model of `cfg` ready for inference, as `--eval-only` builds it: `weights` (default
-    MODEL.WEIGHTS; the model only, its averaged weights with MODEL_EMA.ENABLED) loaded, the quantizers a float checkpoint leaves unset
-    calibrated, eval mode. Without weights it warns and keeps the random initialisation."""
+    MODEL.WEIGHTS; the model only, its averaged weights with MODEL_EMA.ENABLED) loaded, the
+    quantizers a float checkpoint leaves unset calibrated, eval mode. Without weights it warns
+    and keeps the random initialisation."""
     model = build_model(cfg)
     path = cfg.MODEL.WEIGHTS if weights is None else weights
     if path:

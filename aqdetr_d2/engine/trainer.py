@@ -97,10 +97,8 @@ class AQDETRTrainer(DefaultTrainer):
             return ret
         # After the LR scheduler, before the checkpointer and the evaluation that should see this step.
         ret.insert(2, EMAHook(self.model_ema, self.model))
-        evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
-        for i in evals:
-            ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
-        return ret
+        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
+                if isinstance(h, hooks.EvalHook) else h for h in ret]
 
     def _test_averaged_weights(self):
         with self.model_ema.applied(self.model):
