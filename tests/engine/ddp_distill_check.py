@@ -1,4 +1,5 @@
-"""Worker for test_aqdetr_train: 2 gloo processes train AQ-DETR with distillation, then compare ranks.
+"""Worker for test_aqdetr_train: 2 gloo processes train AQ-DETR with distillation (and the
+weight average of MODEL_EMA), then compare ranks.
 
     python tests/engine/ddp_distill_check.py CONFIG RESULT_JSON [KEY VALUE ...]
 """
@@ -29,7 +30,10 @@ def worker(config, result_path, opts):
     teacher_ids = {id(p) for p in student.distiller.teacher.parameters()}
     scales = torch.cat([q.scale.detach().flatten() for q in iter_quantizers(student) if q.enabled])
     params = torch.cat([p.detach().flatten() for p in student.parameters()])
+    averaged = torch.cat([v.flatten() for v in trainer.model_ema.weights.values() if v.is_floating_point()])
+    trained = torch.cat([v.flatten() for v in student.state_dict().values() if v.is_floating_point()])
     gathered_scales, gathered_params = comm.all_gather(scales), comm.all_gather(params)
+    gathered_averages = comm.all_gather(averaged)
     if comm.is_main_process():
         result = {
             "world_size": comm.get_world_size(),
@@ -38,6 +42,8 @@ def worker(config, result_path, opts):
             "num_quantizers": sum(1 for q in iter_quantizers(student) if q.enabled),
             "max_scale_difference_across_ranks": (gathered_scales[0] - gathered_scales[1]).abs().max().item(),
             "max_param_difference_across_ranks": (gathered_params[0] - gathered_params[1]).abs().max().item(),
+            "max_ema_difference_across_ranks": (gathered_averages[0] - gathered_averages[1]).abs().max().item(),
+            "ema_differs_from_weights": not torch.equal(averaged, trained),
             "iterations": trainer.iter,  # after train(), the number of steps taken
         }
         with open(result_path, "w") as f:

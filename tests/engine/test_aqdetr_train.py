@@ -50,12 +50,13 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(train_net, make_cfg, projec
     assert evaluated["bbox"]["AP"] == results["bbox"]["AP"]
 
 
-def test_two_process_ddp_distillation_keeps_quantizers_in_sync(train_net, project_root, tmp_path):
+def test_two_process_ddp_distillation_keeps_quantizers_and_average_in_sync(train_net, project_root, tmp_path):
     config = "detr_fp32.yaml"
     _, _, opts = write_teacher(train_net, config, tmp_path, project_root)
     script = os.path.join(project_root, "tests", "engine", "ddp_distill_check.py")
     args = [os.path.join(project_root, "configs", "shapes", STUDENTS[config]), str(tmp_path / "result.json"),
             *COMMON, *TINY[config], *opts, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
+            "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5",
             "OUTPUT_DIR", str(tmp_path / "ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
@@ -67,4 +68,5 @@ def test_two_process_ddp_distillation_keeps_quantizers_in_sync(train_net, projec
     assert result["num_quantizers"] > 50
     assert result["max_scale_difference_across_ranks"] == 0.0
     assert result["max_param_difference_across_ranks"] == 0.0
+    assert result["max_ema_difference_across_ranks"] == 0.0 and result["ema_differs_from_weights"]
     assert result["iterations"] == 2
