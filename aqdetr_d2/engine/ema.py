@@ -42,11 +42,17 @@ class ModelEMA:
     def reset(self, model: nn.Module) -> None:
         self.weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
 
+    def follow_devices(self, model: nn.Module) -> None:
+        """Move each average to its tensor's device: checkpoints load onto the CPU."""
+        current = _unwrap(model).state_dict()
+        self.weights = {k: v.to(current[k].device) if k in current else v for k, v in self.weights.items()}
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         current = _unwrap(model).state_dict()
         if current.keys() != self.weights.keys():
-            raise RuntimeError("MODEL_EMA holds other tensors than the model; reset it after changing the model")
+            raise RuntimeError("The checkpoint's model_ema holds other tensors than the model: it was made "
+                               "with another config. Resume with that config, or start without --resume.")
         for key, value in current.items():
             average = self.weights[key]
             if average.is_floating_point():
@@ -84,7 +90,9 @@ class EMAHook(HookBase):
         self.model = model
 
     def before_train(self):
-        if not self.ema.weights:
+        if self.ema.weights:
+            self.ema.follow_devices(self.model)
+        else:
             self.ema.reset(self.model)
             logger.info("MODEL_EMA: averaging from the weights at iteration %d (decay %s)",
                         self.trainer.iter, self.ema.decay)

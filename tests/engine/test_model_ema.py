@@ -40,6 +40,14 @@ def test_average_matches_a_naive_loop_and_copies_integer_state():
     assert torch.equal(model.weight.detach(), trained)
 
 
+def test_an_average_of_another_model_is_refused():
+    ema = ModelEMA(0.9)
+    ema.load_state_dict({"decay": 0.9, "weights": nn.Linear(3, 2).state_dict()})
+    ema.follow_devices(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="another config"):
+        ema.update(nn.Sequential(nn.Linear(3, 2)))
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1])
 def test_invalid_decay_is_refused(decay):
     with pytest.raises(ValueError, match="MODEL_EMA.DECAY"):
