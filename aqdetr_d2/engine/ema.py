@@ -42,18 +42,22 @@ class ModelEMA:
     def reset(self, model: nn.Module) -> None:
         self.weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
 
-    def follow_devices(self, model: nn.Module) -> None:
-        """Move each average to its tensor's device: checkpoints load onto the CPU."""
-        current = _unwrap(model).state_dict()
-        self.weights = {k: v.to(current[k].device) if k in current else v for k, v in self.weights.items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def _matching_state(self, model: nn.Module) -> Dict[str, Tensor]:
         current = _unwrap(model).state_dict()
         if current.keys() != self.weights.keys():
             raise RuntimeError("The checkpoint's model_ema holds other tensors than the model: it was made "
                                "with another config. Resume with that config, or start without --resume.")
-        for key, value in current.items():
+        return current
+
+    def follow_devices(self, model: nn.Module) -> None:
+        """Move each average to its tensor's device (checkpoints load onto the CPU); refuses an
+        average of another model before training starts."""
+        current = self._matching_state(model)
+        self.weights = {k: v.to(current[k].device) for k, v in self.weights.items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in self._matching_state(model).items():
             average = self.weights[key]
             if average.is_floating_point():
                 average.lerp_(value, 1.0 - self.decay)

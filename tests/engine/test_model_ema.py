@@ -46,6 +46,8 @@ def test_an_average_of_another_model_is_refused():
     ema.follow_devices(nn.Linear(3, 2))
     with pytest.raises(RuntimeError, match="another config"):
         ema.update(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(RuntimeError, match="another config"):  # at resume, before the first step
+        ema.follow_devices(nn.Sequential(nn.Linear(3, 2)))
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1])
