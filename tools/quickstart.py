@@ -137,6 +137,20 @@ def final_metrics(output_dir: str):
     return {k.split("/", 1)[1]: v for k, v in rows[-1].items() if k.startswith("bbox/") and "-" not in k}
 
 
+def run_numerics(output_dir: str):
+    """The distinct numerics lines train_net.py logged to `output_dir`/log.txt, oldest first: one
+    for a run made under one set of CPU instructions, more for one resumed under another, none for
+    a run from before train_net.py logged them."""
+    from aqdetr_d2.utils.numerics import NUMERICS_TAG
+
+    try:
+        with open(os.path.join(output_dir, "log.txt")) as f:
+            found = [line.split(NUMERICS_TAG, 1)[1].strip() for line in f if NUMERICS_TAG in line]
+    except OSError:
+        return []
+    return list(dict.fromkeys(found))
+
+
 def finished(output_dir: str, iters: int) -> bool:
     """True when a run saved its final model and evaluated it at its end: Detectron2 logs that
     evaluation at iteration `iters - 1` (periodic) or `iters` (after training, EVAL_PERIOD 0)."""
@@ -276,7 +290,7 @@ def main():
             metrics = evaluated_metrics(run_dir + ".log")
         size_mb, gops = size_and_ops(config, opts + args.opts)
         rows.append({"name": name, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
-                     "output_dir": run_dir})
+                     "output_dir": run_dir, "numerics": run_numerics(run_dir)})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
     total, done = len(args.variants) * len(args.seeds), 0
     for key in args.variants:
@@ -295,7 +309,8 @@ def main():
                       f"{args.iters} iterations of {bits if quantized else 'full precision'} from the teacher")
                 resume = ["--resume"] if args.resume else []
                 seconds = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log")
-            runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": seconds / 60, "output_dir": run_dir})
+            runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": seconds / 60, "output_dir": run_dir,
+                         "numerics": run_numerics(run_dir)})
             stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")
         size_mb, gops = size_and_ops(student_cfg, opts)
         rows.append({"name": name, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops, "seeds": runs})
@@ -337,6 +352,21 @@ def mean_over_seeds(runs):
     return {**mean, "AP_spread": max(aps) - min(aps)}
 
 
+def numerics_note(rows) -> str:
+    """One line saying under which CPU instructions the runs of `rows` were made: runs match
+    each other's digits only under the same ones (aqdetr_d2.utils.numerics)."""
+    runs = {}
+    for r in rows:
+        for run in r.get("seeds", [r]):
+            label = r["name"] + (f" seed {run['seed']}" if "seed" in run else "")
+            runs[label] = "; then ".join(run.get("numerics", [])) or "not logged"
+    distinct = list(dict.fromkeys(runs.values()))
+    if len(distinct) == 1:
+        return f"Numerics of every run: {distinct[0]}."
+    return "Numerics differ between runs: " + "; ".join(
+        f"{value} ({', '.join(k for k, v in runs.items() if v == value)})" for value in distinct) + "."
+
+
 def write_results(args, rows):
     from aqdetr_d2.utils.visualization import ablation_bar_chart
 
@@ -350,6 +380,7 @@ def write_results(args, rows):
     kept = [r["name"] for r in rows if r.get("kept")]
     if kept:
         lines += ["", "Kept from the earlier run in this folder: " + ", ".join(kept) + "."]
+    lines += ["", numerics_note(rows)]
     table = "\n".join(lines)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(table + "\n")

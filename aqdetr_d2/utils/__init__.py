@@ -1,1 +1,1 @@
-"""Helpers outside the model: pictures (`visualization`)."""
+"""Helpers outside the model: pictures (`visualization`), what sets float results (`numerics`)."""

@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 from aqdetr_d2 import add_aqdetr_config
 from aqdetr_d2.config import merge_config
 from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer, initialize_quantizers
+from aqdetr_d2.utils.numerics import NUMERICS_TAG, numerics_summary
 
 
 def setup(args):
@@ -30,6 +31,8 @@ def setup(args):
     logger = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="aqdetr_d2")
     if fell_back:
         logger.warning("CUDA is not available; running on the CPU (MODEL.DEVICE cpu)")
+    # Runs reproduce each other exactly only under the same instructions (aqdetr_d2.utils.numerics).
+    logger.info("%s %s", NUMERICS_TAG, numerics_summary())
     return cfg
 
 

@@ -12,6 +12,8 @@ from train_net_helpers import COMMON, SMALL_VAL, TINY, _log, _run
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from aqdetr_d2.utils.numerics import NUMERICS_TAG, numerics_summary
+
 
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
 def test_train_resume_and_evaluate(train_net, config, tmp_path):
@@ -24,6 +26,8 @@ def test_train_resume_and_evaluate(train_net, config, tmp_path):
     _run(train_net, config, tmp_path, "SOLVER.MAX_ITER", "6", flags=["--resume"])
     log = _log(tmp_path)
     assert "Starting training from iteration 4" in log
+    # Each process says under which CPU instructions it ran (what decides whether runs match).
+    assert log.count(f"{NUMERICS_TAG} {numerics_summary()}") == 2
     assert torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
 
     results = _run(train_net, config, tmp_path / "eval", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),

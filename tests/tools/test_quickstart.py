@@ -91,6 +91,26 @@ def test_results_files(quickstart, tmp_path, capsys):
     assert "| AQ-DETR | 45.0 |" in capsys.readouterr().out
 
 
+def test_numerics_of_each_run_reach_the_table(quickstart, tmp_path):
+    avx512, avx2 = "CPU capability AVX512, no instruction caps, torch 2", "CPU capability AVX2, no instruction caps, torch 2"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "log.txt").write_text(f"x\n[11/30 d2]: Numerics: {avx512}\ny\n[11/30 d2]: Numerics: {avx512}\n")
+    (tmp_path / "b").mkdir()  # resumed on another machine
+    (tmp_path / "b" / "log.txt").write_text(f"Numerics: {avx512}\nNumerics: {avx2}\n")
+    assert quickstart.run_numerics(str(tmp_path / "a")) == [avx512]
+    assert quickstart.run_numerics(str(tmp_path / "b")) == [avx512, avx2]
+    assert quickstart.run_numerics(str(tmp_path / "missing")) == []
+
+    teacher = {"name": "teacher", "numerics": [avx512]}
+    lsq = {"name": "LSQ", "seeds": [{"seed": 1, "numerics": [avx512]}, {"seed": 2, "numerics": [avx512]}]}
+    assert quickstart.numerics_note([teacher, lsq]) == f"Numerics of every run: {avx512}."
+    lsq["seeds"][1]["numerics"] = [avx512, avx2]
+    lsq["seeds"].append({"seed": 3, "numerics": []})
+    assert quickstart.numerics_note([teacher, lsq]) == (
+        f"Numerics differ between runs: {avx512} (teacher, LSQ seed 1); {avx512}; then {avx2} (LSQ seed 2); "
+        "not logged (LSQ seed 3).")
+
+
 def test_evaluated_metrics_reads_the_copypaste_lines(quickstart, tmp_path):
     log = tmp_path / "run.log"
     log.write_text("[d2.evaluation.testing]: copypaste: Task: bbox\n"
