@@ -37,6 +37,18 @@ def test_train_resume_and_evaluate(train_net, config, tmp_path):
     assert re.search(r"\|\s+AP\s+\|\s+AP50\s+\|", _log(tmp_path / "eval"))
 
 
+def test_same_seed_gives_the_same_low_bit_run(train_net, tmp_path):
+    # What lets a committed table be repeated to the digit on a machine with the same instructions.
+    w2a2 = ["MODEL.QUANT.ENABLED", "True", "MODEL.QUANT.WEIGHT_BITS", "2", "MODEL.QUANT.ACT_BITS", "2",
+            "MODEL.QUANT.ATTN_BITS", "2", "MODEL.QUANT.CALIB_BATCHES", "1"]
+    weights = {}
+    for name, seed in [("first", 5), ("again", 5), ("other_seed", 6)]:
+        _run(train_net, "detr_fp32.yaml", tmp_path / name, "SOLVER.MAX_ITER", "3", "SEED", str(seed), *w2a2)
+        weights[name] = torch.load(tmp_path / name / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(weights["first"][k], weights["again"][k]) for k in weights["first"])
+    assert not all(torch.equal(weights["first"][k], weights["other_seed"][k]) for k in weights["first"])
+
+
 def test_eval_only_rejects_mismatched_checkpoint(train_net, tmp_path):
     from aqdetr_d2.engine import CheckpointMismatchError
 
