@@ -363,7 +363,7 @@ def numerics_note(rows) -> str:
     distinct = list(dict.fromkeys(runs.values()))
     if len(distinct) == 1:
         return f"Numerics of every run: {distinct[0]}."
-    return "Numerics differ between runs: " + "; ".join(
+    return "Numerics per run: " + "; ".join(
         f"{value} ({', '.join(k for k, v in runs.items() if v == value)})" for value in distinct) + "."
 
 

@@ -107,7 +107,7 @@ def test_numerics_of_each_run_reach_the_table(quickstart, tmp_path):
     lsq["seeds"][1]["numerics"] = [avx512, avx2]
     lsq["seeds"].append({"seed": 3, "numerics": []})
     assert quickstart.numerics_note([teacher, lsq]) == (
-        f"Numerics differ between runs: {avx512} (teacher, LSQ seed 1); {avx512}; then {avx2} (LSQ seed 2); "
+        f"Numerics per run: {avx512} (teacher, LSQ seed 1); {avx512}; then {avx2} (LSQ seed 2); "
         "not logged (LSQ seed 3).")
 
 
