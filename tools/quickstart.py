@@ -16,6 +16,7 @@ Every stage is a `projects/AQDETR/train_net.py` run (Detectron2's ETA lines show
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +48,8 @@ VARIANTS = {"fp": ("full precision, fine-tuned", False, False, False), "lsq": ("
             "aq": ("AQ-DETR (aux queries + distillation)", True, True, True)}
 DEFAULT_VARIANTS = ["lsq", "aux", "distill", "aq"]
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Written into each fine-tune's folder: the minutes its last train_net call took.
+MINUTES_FILE = "quickstart_minutes.json"
 # glibc hands every freed block over 32 MB back to the OS, so each new attention-map-sized tensor
 # pays its page faults again; keeping freed memory in the heap took the DETR W4A4A4 quickstart
 # from 30.2 to 20.1 minutes on 2 cores with identical metrics. Other C libraries ignore it; a
@@ -169,11 +172,25 @@ def previous_results(output: str) -> dict:
         return {}
 
 
+def record_minutes(run_dir: str, minutes: float):
+    """Keep a fine-tune's training minutes in its own folder, where a later `--resume` finds them
+    whatever results.json has been rewritten to since (e.g. by a run with fewer seeds)."""
+    with open(os.path.join(run_dir, MINUTES_FILE), "w") as f:
+        json.dump({"train_minutes": minutes}, f)
+
+
 def previous_minutes(output: str, run_dir: str) -> float:
-    """The training minutes an earlier quickstart recorded for `run_dir` (0 if it did not)."""
+    """The training minutes recorded for the finished run in `run_dir`: its own record, else
+    (runs from before records were kept) the earlier results.json in `output`, else NaN, which
+    the table prints as "nan" rather than a time nobody measured."""
+    try:
+        with open(os.path.join(run_dir, MINUTES_FILE)) as f:
+            return float(json.load(f)["train_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     rows = previous_results(output).get("rows", [])
     runs = [run for row in rows for run in row.get("seeds", []) if run["output_dir"] == run_dir]
-    return runs[0]["train_minutes"] if runs else 0.0
+    return runs[0]["train_minutes"] if runs else float("nan")
 
 
 def check_teacher(path: str):
@@ -304,11 +321,14 @@ def main():
             if args.resume and finished(run_dir, args.iters):
                 stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
                 seconds = previous_minutes(args.output, run_dir) * 60
+                if not math.isnan(seconds):
+                    record_minutes(run_dir, seconds / 60)
             else:
                 stage(f"{name}, seed {seed} (fine-tune {done} of {total}): "
                       f"{args.iters} iterations of {bits if quantized else 'full precision'} from the teacher")
                 resume = ["--resume"] if args.resume else []
                 seconds = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log")
+                record_minutes(run_dir, seconds / 60)
             runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": seconds / 60, "output_dir": run_dir,
                          "numerics": run_numerics(run_dir)})
             stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")

@@ -5,6 +5,7 @@ models, so it is run by hand (see the issue notes), not here.
 """
 import argparse
 import json
+import math
 import os
 
 import pytest
@@ -237,3 +238,42 @@ def test_runs_get_the_malloc_tunables_unless_the_user_set_their_own(quickstart, 
     quickstart.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "b.log"))
     assert [e["GLIBC_TUNABLES"] for e in envs] == [quickstart.MALLOC_TUNABLES, "glibc.malloc.arena_max=1"]
     assert envs[0]["PATH"] == os.environ["PATH"]  # the rest of the environment is passed on
+
+
+def test_resume_with_fewer_seeds_keeps_the_other_runs_minutes(quickstart, tmp_path, monkeypatch):
+    """Seeds 1 and 2, then seed 1 again (results.json rewritten without seed 2), then both: the
+    kept seed-2 run still reports the minutes it took, not 0."""
+    minutes = {"seed1": 5.0, "seed2": 7.0}
+
+    def fake_train_net(config, out, opts, log_path):
+        with open(log_path, "w") as log:
+            log.write("copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: 50.0,90.0,50.0,50.0,50.0,nan\n")
+        if "--eval-only" in opts:
+            return 1.0
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "model_final.pth"), "wb").close()
+        ap = 40.0 + float(opts[opts.index("SEED") + 1])
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in quickstart.METRICS}}) + "\n")
+        return minutes[os.path.basename(out).split("_")[1]] * 60
+
+    monkeypatch.setattr(quickstart, "train_net", fake_train_net)
+    monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
+    monkeypatch.setattr(quickstart, "size_and_ops", lambda config, opts: (1.0, 0.1))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    base = ["quickstart.py", "--iters", "20", "--variants", "lsq", "--output", str(tmp_path)]
+
+    def lsq_seed_minutes(seeds):
+        monkeypatch.setattr("sys.argv", base + ["--resume", "--seeds", *seeds])
+        quickstart.main()
+        row = json.loads((tmp_path / "results.json").read_text())["rows"][-1]
+        return {run["seed"]: run["train_minutes"] for run in row["seeds"]}
+
+    assert lsq_seed_minutes(["1", "2"]) == {1: 5.0, 2: 7.0}
+    minutes.update(seed1=6.0)  # would be the time if seed 1 were trained again; it is kept instead
+    assert lsq_seed_minutes(["1"]) == {1: 5.0}
+    assert lsq_seed_minutes(["1", "2"]) == {1: 5.0, 2: 7.0}
+    # A finished run with no record anywhere (made by hand) reports no time rather than 0.
+    (tmp_path / "lsq_seed2" / quickstart.MINUTES_FILE).unlink()
+    (tmp_path / "results.json").unlink()
+    assert math.isnan(lsq_seed_minutes(["1", "2"])[2])
