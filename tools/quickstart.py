@@ -320,16 +320,15 @@ def main():
             run_dir = os.path.join(args.output, f"{key}_seed{seed}")
             if args.resume and finished(run_dir, args.iters):
                 stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
-                seconds = previous_minutes(args.output, run_dir) * 60
-                if not math.isnan(seconds):
-                    record_minutes(run_dir, seconds / 60)
+                minutes = previous_minutes(args.output, run_dir)
             else:
                 stage(f"{name}, seed {seed} (fine-tune {done} of {total}): "
                       f"{args.iters} iterations of {bits if quantized else 'full precision'} from the teacher")
                 resume = ["--resume"] if args.resume else []
-                seconds = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log")
-                record_minutes(run_dir, seconds / 60)
-            runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": seconds / 60, "output_dir": run_dir,
+                minutes = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
+            if not math.isnan(minutes):  # also back-fills runs whose time only results.json held
+                record_minutes(run_dir, minutes)
+            runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
                          "numerics": run_numerics(run_dir)})
             stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")
         size_mb, gops = size_and_ops(student_cfg, opts)
