@@ -1,7 +1,7 @@
 """AQ-DETR: low-bit quantized detection transformers with auxiliary queries, for Detectron2.
 
 Importing the package registers the meta-architectures `AQDETR` / `AQDeformableDETR` and
-the `shapes_train` / `shapes_val` datasets.
+the `shapes_train` / `shapes_val` / `shapes_holdout` datasets.
 """
 try:
     import detectron2  # noqa: F401

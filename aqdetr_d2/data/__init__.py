@@ -24,5 +24,5 @@ __all__ = [
     "check_dataset_dicts",
 ]
 
-# Registers "shapes_train" and "shapes_val"; nothing is generated until they are loaded.
+# Registers "shapes_train", "shapes_val" and "shapes_holdout"; nothing is generated until they are loaded.
 register_shapes()

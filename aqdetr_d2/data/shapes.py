@@ -4,13 +4,13 @@ and crosses on textured backgrounds, in COCO format.
 
 It is generated on first use under ``$DETECTRON2_DATASETS/shapes`` (default
 ``datasets/shapes``), byte-for-byte identical on every machine, and registered with
-Detectron2 as ``shapes_train`` and ``shapes_val``::
+Detectron2 as ``shapes_train``, ``shapes_val`` and ``shapes_holdout``::
 
     shapes/
       train/000001.png ...
       val/000001.png ...
-      annotations/instances_train.json
-      annotations/instances_val.json
+      holdout/000001.png ...
+      annotations/instances_{train,val,holdout}.json
 """
 import fcntl
 import functools
@@ -38,11 +38,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Dataset name -> (split directory, number of images, seed). Different seeds keep the
-# validation images disjoint from the training images.
+# Dataset name -> (split directory, number of images, seed). Different seeds keep the splits
+# disjoint. "shapes_holdout" is for choosing a setting from measured curves, so that the AP
+# reported on shapes_val never saw the choice.
 SHAPES_SPLITS = {
     "shapes_train": ("train", 2000, 0),
     "shapes_val": ("val", 1000, 1),
+    "shapes_holdout": ("holdout", 1000, 2),
 }
 # Bump when the rendering changes, so that stale copies can be told apart.
 _VERSION = "1"
@@ -163,7 +165,7 @@ def _load_shapes(dataset_name, root):
 
 def register_shapes(root=None):
     """
-    Register ``shapes_train`` and ``shapes_val`` with Detectron2's catalogs.
+    Register the shapes splits (``SHAPES_SPLITS``) with Detectron2's catalogs.
 
     Nothing is generated here: the data is created the first time a dataset is loaded
     through ``DatasetCatalog.get``. Calling this again with the same root does nothing; with

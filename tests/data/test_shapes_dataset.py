@@ -141,3 +141,18 @@ def test_registration_is_lazy_and_loads(tmp_path, monkeypatch, restore_registrat
         assert os.path.isfile(record["file_name"])
         assert {a["category_id"] for a in record["annotations"]} <= set(range(5))
     assert meta.thing_dataset_id_to_contiguous_id == {i + 1: i for i in range(5)}
+
+
+def test_registered_splits_have_their_own_images(tmp_path):
+    """Every registered split renders from its own seed into its own folder: the holdout images
+    used to choose settings are none of the validation images AP is reported on."""
+    splits = shapes_module.SHAPES_SPLITS
+    assert len({seed for _, _, seed in splits.values()}) == len(splits)
+    assert len({directory for directory, _, _ in splits.values()}) == len(splits)
+    pixels = {}
+    for name in ("shapes_val", "shapes_holdout"):
+        directory, _, seed = splits[name]
+        write_shapes_split(tmp_path, directory, 3, seed)
+        pixels[name] = [cv2.imread(str(tmp_path / directory / f"{i:06d}.png")) for i in (1, 2, 3)]
+    assert all(not np.array_equal(v, h) for v in pixels["shapes_val"] for h in pixels["shapes_holdout"])
+    assert "shapes_holdout" in DatasetCatalog.list()
