@@ -26,6 +26,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
+INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 # Teacher schedules: iterations, and the one learning-rate drop. DETR's dense attention still
 # gains AP after Deformable-DETR's 3500 iterations have flattened.
 ARCHS = {
@@ -257,8 +258,13 @@ def main():
     parser.add_argument("--teacher-iters", type=int, default=None,
                         help="override the teacher's iterations (DETR 9000, Deformable-DETR 3500)")
     parser.add_argument("--teacher-only", action="store_true", help="stop once the teacher is trained and checked")
+    parser.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
+                        help="also evaluate each fine-tune interpolated with the calibrated model it started from, "
+                             "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
     args = parser.parse_args()
+    if args.interpolate is not None and not 0.0 <= args.interpolate <= 1.0:
+        parser.error(f"--interpolate is the fine-tuned weights' share and must be in [0, 1], got {args.interpolate}")
 
     check_dataset_dir()
     os.makedirs(args.output, exist_ok=True)
@@ -314,11 +320,12 @@ def main():
         name, quantized, aux, distill = VARIANTS[key]
         opts = common + ["MODEL.QUANT.ENABLED", str(quantized), "MODEL.AUX_QUERIES.ENABLED", str(aux),
                          "MODEL.DISTILL.ENABLED", str(distill)]
-        runs = []
+        runs, interpolated = [], []
         for seed in args.seeds:
             done += 1
             run_dir = os.path.join(args.output, f"{key}_seed{seed}")
-            if args.resume and finished(run_dir, args.iters):
+            kept = args.resume and finished(run_dir, args.iters)
+            if kept:
                 stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
                 minutes = previous_minutes(args.output, run_dir)
             else:
@@ -331,12 +338,44 @@ def main():
             runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
                          "numerics": run_numerics(run_dir)})
             stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")
+            if args.interpolate is not None:
+                metrics = interpolated_metrics(student_cfg, run_dir, [*opts, "SEED", str(seed)], args.interpolate, kept)
+                interpolated.append({**runs[-1], **metrics})
+                stage(f"{name}, seed {seed}, interpolated with its start: AP {metrics['AP']:.1f}")
         size_mb, gops = size_and_ops(student_cfg, opts)
         rows.append({"name": name, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops, "seeds": runs})
+        if interpolated:
+            rows.append({"name": interpolated_name(name, args.interpolate), **mean_over_seeds(interpolated),
+                         "size_mb": size_mb, "gops": gops, "seeds": interpolated})
 
     if args.resume:
         rows = with_previous_rows(args, rows)
     write_results(args, rows)
+
+
+def interpolated_name(name: str, alpha: float) -> str:
+    return f"{name}, interpolated with its start (alpha {alpha:g})"
+
+
+def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bool):
+    """COCO metrics of the finished fine-tune in `run_dir` interpolated with the calibrated model it
+    started from (tools/interpolate_weights.py), evaluated like the run itself. The evaluation of
+    a kept run is kept too when an earlier quickstart logged exactly this command."""
+    weights = os.path.join(run_dir, f"interpolated_{alpha:g}.pth")
+    eval_dir = os.path.join(run_dir, f"interpolated_{alpha:g}")
+    eval_opts = ["--eval-only", *opts, "MODEL.WEIGHTS", weights, "MODEL_EMA.ENABLED", "False"]
+    metrics = logged_evaluation(config, eval_dir, eval_opts, eval_dir + ".log") if kept and os.path.exists(weights) else None
+    if metrics:
+        return metrics
+    cmd = [sys.executable, INTERPOLATE, "--config-file", os.path.join(run_dir, "config.yaml"),
+           "--fine-tuned", os.path.join(run_dir, "model_final.pth"), "--alpha", str(alpha), "--output", weights]
+    with open(eval_dir + "_weights.log", "w") as log:
+        log.write(log_header(cmd))
+        log.flush()
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"interpolating {run_dir} failed; see {eval_dir}_weights.log")
+    train_net(config, eval_dir, eval_opts, eval_dir + ".log")
+    return evaluated_metrics(eval_dir + ".log")
 
 
 def with_previous_rows(args, rows):
@@ -350,7 +389,10 @@ def with_previous_rows(args, rows):
     trained = {r["name"] for r in rows}
     kept = {r["name"]: {**r, "kept": True} for r in previous["rows"] if "seeds" in r and r["name"] not in trained}
     by_name = {**kept, **{r["name"]: r for r in rows}}
-    order = [r["name"] for r in rows if "seeds" not in r] + [VARIANTS[k][0] for k in VARIANTS]
+    order = [r["name"] for r in rows if "seeds" not in r]
+    for key in VARIANTS:
+        name = VARIANTS[key][0]
+        order += [name, *sorted(n for n in by_name if n.startswith(name + ", interpolated"))]
     return [by_name[name] for name in order if name in by_name]
 
 

@@ -79,3 +79,38 @@ def test_model_report_tool_prints_the_table(project_root, config, quant, tmp_pat
         assert 7.0 < total["compression"] < 8.0
     else:
         assert total["weight_bits"] == "32" and total["ops"] == total["flops"] and total["lowbit_flops"] == 0
+
+
+def test_interpolate_tool_blends_the_calibrated_start_with_the_fine_tune(project_root, make_cfg, tmp_path):
+    from aqdetr_d2.engine import build_calibrated_model, calibrated_start, interpolate_state_dicts
+
+    opts = [*TINY, "MODEL.QUANT.CALIB_BATCHES", "1", "SOLVER.IMS_PER_BATCH", "2"]
+    teacher = tmp_path / "teacher.pth"
+    torch.save({"model": build_model(make_cfg("shapes/detr_fp32.yaml", *opts)).state_dict()}, teacher)
+    cfg = make_cfg("shapes/detr_fp32.yaml", *QUANT, *opts, "MODEL.WEIGHTS", str(teacher))
+    # A stand-in fine-tune: the calibrated start with every float tensor moved.
+    g = torch.Generator().manual_seed(1)
+    fine_tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                  for k, v in build_calibrated_model(cfg).state_dict().items()}
+    fine_path = tmp_path / "model_final.pth"
+    torch.save({"model": fine_tuned}, fine_path)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(cfg.dump())
+
+    out = tmp_path / "interpolated.pth"
+    result = _tool(project_root, "interpolate_weights.py", "--config-file", str(config_file),
+                   "--fine-tuned", str(fine_path), "--alpha", "0.25", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert saved["interpolation"]["alpha"] == 0.25 and saved["interpolation"]["start"] == str(teacher)
+    want = interpolate_state_dicts(calibrated_start(cfg), fine_tuned, 0.25)
+    assert saved["model"].keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(saved["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    # The float checkpoint holds no step sizes: the start's come from calibration, as in training.
+    assert any(k.endswith("quantizer.scale") for k in want) and not any("quantizer" in k for k in torch.load(
+        teacher, weights_only=True)["model"])
+
+    refused = _tool(project_root, "interpolate_weights.py", "--config-file", str(config_file),
+                    "--fine-tuned", str(fine_path), "--alpha", "1.5", "--output", str(tmp_path / "x.pth"))
+    assert refused.returncode != 0 and "must be in [0, 1]" in refused.stderr

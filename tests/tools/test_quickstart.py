@@ -277,3 +277,54 @@ def test_resume_with_fewer_seeds_keeps_the_other_runs_minutes(quickstart, tmp_pa
     (tmp_path / "lsq_seed2" / quickstart.MINUTES_FILE).unlink()
     (tmp_path / "results.json").unlink()
     assert math.isnan(lsq_seed_minutes(["1", "2"])[2])
+
+
+def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_path, monkeypatch):
+    """`--interpolate 0.75`: each fine-tune is interpolated by tools/interpolate_weights.py and
+    evaluated; the row follows its variant's; a `--resume` of the same command redoes neither."""
+    calls = []
+
+    def fake_train_net(config, out, opts, log_path):
+        calls.append(os.path.basename(out))
+        ap = 60.0 if "interpolated" in out else 50.0
+        with open(log_path, "w") as log:
+            log.write(quickstart.log_header(quickstart.train_net_command(config, out, opts)))
+            log.write(f"copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: {ap},90.0,50.0,50.0,50.0,nan\n")
+        if "--eval-only" not in opts:
+            os.makedirs(out, exist_ok=True)
+            open(os.path.join(out, "model_final.pth"), "wb").close()
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in quickstart.METRICS}}) + "\n")
+        return 60.0
+
+    def fake_interpolate(cmd, **kwargs):
+        calls.append("interpolate")
+        assert cmd[1] == quickstart.INTERPOLATE and cmd[cmd.index("--alpha") + 1] == "0.75"
+        open(cmd[cmd.index("--output") + 1], "wb").close()
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(quickstart, "train_net", fake_train_net)
+    monkeypatch.setattr(quickstart.subprocess, "run", fake_interpolate)
+    monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
+    monkeypatch.setattr(quickstart, "size_and_ops", lambda config, opts: (1.0, 0.1))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    argv = ["quickstart.py", "--iters", "20", "--variants", "lsq", "aq", "--interpolate", "0.75", "--output", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    quickstart.main()
+    assert calls.count("interpolate") == 2 and calls.count("interpolated_0.75") == 2
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    aq = quickstart.VARIANTS["aq"][0]
+    assert [r["name"] for r in rows[2:]] == ["LSQ", "LSQ, interpolated with its start (alpha 0.75)", aq,
+                                             aq + ", interpolated with its start (alpha 0.75)"]
+    assert [r["AP"] for r in rows[2:]] == [50.0, 60.0, 50.0, 60.0]
+    assert rows[3]["seeds"][0]["output_dir"] == str(tmp_path / "lsq_seed1")
+
+    calls.clear()
+    monkeypatch.setattr("sys.argv", argv + ["--resume"])
+    quickstart.main()
+    assert "interpolate" not in calls and "interpolated_0.75" not in calls
+    assert [r["AP"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][2:]] == [50.0, 60.0, 50.0, 60.0]
+
+    monkeypatch.setattr("sys.argv", argv[:-4] + ["--interpolate", "1.5", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        quickstart.main()
