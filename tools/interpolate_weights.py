@@ -24,6 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 from aqdetr_d2.config import load_config
 from aqdetr_d2.engine import build_calibrated_model, calibrated_start, interpolate_state_dicts
+from aqdetr_d2.engine.interpolation import check_alpha
 
 
 def main(argv=None):
@@ -34,8 +35,10 @@ def main(argv=None):
     parser.add_argument("--output", required=True, metavar="OUT", help="checkpoint to write (.pth)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.alpha <= 1.0:
-        sys.exit(f"error: --alpha is the fine-tuned weights' share and must be in [0, 1], got {args.alpha}")
+    try:
+        check_alpha(args.alpha)
+    except ValueError as e:
+        sys.exit(f"error: --alpha: {e}")
     if not os.path.isfile(args.fine_tuned):
         sys.exit(f"error: --fine-tuned {args.fine_tuned} does not exist")
     cfg = load_config(args.config_file, args.opts)

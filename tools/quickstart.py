@@ -77,7 +77,13 @@ def log_header(cmd) -> str:
 
 def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
     """Run train_net.py; its output goes to the terminal and `log_path`. Returns seconds taken."""
-    cmd = train_net_command(config, output_dir, opts)
+    return run_logged(train_net_command(config, output_dir, opts), log_path, f"train_net failed ({config})")
+
+
+def run_logged(cmd, log_path: str, failure: str) -> float:
+    """Run `cmd` from the project root with its output in `log_path` (first line: the command) and
+    Detectron2's ETA, evaluation and error lines on the terminal; exits with `failure` if it fails.
+    Returns seconds taken."""
     start = time.time()
     with open(log_path, "w") as log:
         log.write(log_header(cmd))
@@ -89,7 +95,7 @@ def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
             if "eta:" in line or "copypaste" in line or "Error" in line:
                 sys.stdout.write(line)
         if proc.wait() != 0:
-            raise SystemExit(f"train_net failed ({config}); see {log_path}")
+            raise SystemExit(f"{failure}; see {log_path}")
     return time.time() - start
 
 
@@ -263,8 +269,13 @@ def main():
                              "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
     args = parser.parse_args()
-    if args.interpolate is not None and not 0.0 <= args.interpolate <= 1.0:
-        parser.error(f"--interpolate is the fine-tuned weights' share and must be in [0, 1], got {args.interpolate}")
+    if args.interpolate is not None:
+        from aqdetr_d2.engine.interpolation import check_alpha
+
+        try:
+            check_alpha(args.interpolate)
+        except ValueError as e:
+            parser.error(f"--interpolate: {e}")
 
     check_dataset_dir()
     os.makedirs(args.output, exist_ok=True)
@@ -369,11 +380,7 @@ def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bo
         return metrics
     cmd = [sys.executable, INTERPOLATE, "--config-file", os.path.join(run_dir, "config.yaml"),
            "--fine-tuned", os.path.join(run_dir, "model_final.pth"), "--alpha", str(alpha), "--output", weights]
-    with open(eval_dir + "_weights.log", "w") as log:
-        log.write(log_header(cmd))
-        log.flush()
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"interpolating {run_dir} failed; see {eval_dir}_weights.log")
+    run_logged(cmd, eval_dir + "_weights.log", f"interpolating {run_dir} failed")
     train_net(config, eval_dir, eval_opts, eval_dir + ".log")
     return evaluated_metrics(eval_dir + ".log")
 

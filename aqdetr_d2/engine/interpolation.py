@@ -15,11 +15,16 @@ from torch import Tensor
 from .calibration import build_calibrated_model
 
 
+def check_alpha(alpha: float) -> None:
+    """Refuse an interpolation weight outside [0, 1] (tools check it before any model is built)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha is the fine-tuned weights' share and must be in [0, 1], got {alpha}")
+
+
 def interpolate_state_dicts(start: Dict[str, Tensor], fine_tuned: Dict[str, Tensor], alpha: float) -> Dict[str, Tensor]:
     """`(1 - alpha) * start + alpha * fine_tuned` for every floating-point tensor (same shapes in
     both); other tensors (e.g. quantizers' `initialized` flags) are taken from `fine_tuned`."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha is the fine-tuned weights' share and must be in [0, 1], got {alpha}")
+    check_alpha(alpha)
     if start.keys() != fine_tuned.keys():
         differ = sorted(start.keys() ^ fine_tuned.keys())
         raise ValueError(f"The two state dicts hold different tensors, e.g. {differ[:5]}: the fine-tune was "

@@ -297,14 +297,14 @@ def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_
                 f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in quickstart.METRICS}}) + "\n")
         return 60.0
 
-    def fake_interpolate(cmd, **kwargs):
+    def fake_interpolate(cmd, log_path, failure):
         calls.append("interpolate")
         assert cmd[1] == quickstart.INTERPOLATE and cmd[cmd.index("--alpha") + 1] == "0.75"
         open(cmd[cmd.index("--output") + 1], "wb").close()
-        return argparse.Namespace(returncode=0)
+        return 1.0
 
     monkeypatch.setattr(quickstart, "train_net", fake_train_net)
-    monkeypatch.setattr(quickstart.subprocess, "run", fake_interpolate)
+    monkeypatch.setattr(quickstart, "run_logged", fake_interpolate)
     monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
     monkeypatch.setattr(quickstart, "size_and_ops", lambda config, opts: (1.0, 0.1))
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
