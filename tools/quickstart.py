@@ -327,6 +327,7 @@ def main():
                      "output_dir": run_dir, "numerics": run_numerics(run_dir)})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
     total, done = len(args.variants) * len(args.seeds), 0
+    retrained = set()
     for key in args.variants:
         name, quantized, aux, distill = VARIANTS[key]
         opts = common + ["MODEL.QUANT.ENABLED", str(quantized), "MODEL.AUX_QUERIES.ENABLED", str(aux),
@@ -344,6 +345,7 @@ def main():
                       f"{args.iters} iterations of {bits if quantized else 'full precision'} from the teacher")
                 resume = ["--resume"] if args.resume else []
                 minutes = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
+                retrained.add(run_dir)
             if not math.isnan(minutes):  # also back-fills runs whose time only results.json held
                 record_minutes(run_dir, minutes)
             runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
@@ -360,7 +362,7 @@ def main():
                          "size_mb": size_mb, "gops": gops, "seeds": interpolated})
 
     if args.resume:
-        rows = with_previous_rows(args, rows)
+        rows = with_previous_rows(args, rows, retrained)
     write_results(args, rows)
 
 
@@ -385,22 +387,37 @@ def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bo
     return evaluated_metrics(eval_dir + ".log")
 
 
-def with_previous_rows(args, rows):
+def with_previous_rows(args, rows, retrained=frozenset()):
     """`rows` plus the ablation rows an earlier run in `--output` finished and this one did not
     train (e.g. `--resume --seeds 1 2 --variants lsq aq` after all four variants with seed 1),
     in table order; each kept row is marked "kept": True. Rows of another --arch / --precision
-    are not mixed in."""
+    are not mixed in. An earlier interpolated row of a variant in `rows` is kept only while it
+    still describes that row's runs: the same seeds, none of them in `retrained` (run folders
+    this call trained)."""
     previous = previous_results(args.output)
     if not previous or (previous["args"].get("arch"), previous["args"].get("precision")) != (args.arch, args.precision):
         return rows
-    trained = {r["name"] for r in rows}
-    kept = {r["name"]: {**r, "kept": True} for r in previous["rows"] if "seeds" in r and r["name"] not in trained}
+    trained = {r["name"]: r for r in rows}
+    kept = {}
+    for row in previous["rows"]:
+        if "seeds" not in row or row["name"] in trained:
+            continue
+        base = trained.get(row["name"].split(", interpolated")[0]) if ", interpolated" in row["name"] else None
+        if base is not None and (_seed_runs(row) != _seed_runs(base) or {d for _, d in _seed_runs(row)} & retrained):
+            stage(f"dropped the earlier row \"{row['name']}\": its runs changed since; "
+                  "--interpolate evaluates it again")
+            continue
+        kept[row["name"]] = {**row, "kept": True}
     by_name = {**kept, **{r["name"]: r for r in rows}}
     order = [r["name"] for r in rows if "seeds" not in r]
     for key in VARIANTS:
         name = VARIANTS[key][0]
         order += [name, *sorted(n for n in by_name if n.startswith(name + ", interpolated"))]
     return [by_name[name] for name in order if name in by_name]
+
+
+def _seed_runs(row):
+    return [(run["seed"], run.get("output_dir")) for run in row["seeds"]]
 
 
 def teacher_schedule(arch, iters=None):

@@ -279,10 +279,9 @@ def test_resume_with_fewer_seeds_keeps_the_other_runs_minutes(quickstart, tmp_pa
     assert math.isnan(lsq_seed_minutes(["1", "2"])[2])
 
 
-def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_path, monkeypatch):
-    """`--interpolate 0.75`: each fine-tune is interpolated by tools/interpolate_weights.py and
-    evaluated; the row follows its variant's; a `--resume` of the same command redoes neither."""
-    calls = []
+def _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls):
+    """train_net and the interpolation tool replaced by fakes that log AP 50 for a fine-tune and 60
+    for an interpolated evaluation and write the files the quickstart checks; `calls` names each."""
 
     def fake_train_net(config, out, opts, log_path):
         calls.append(os.path.basename(out))
@@ -308,6 +307,13 @@ def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_
     monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
     monkeypatch.setattr(quickstart, "size_and_ops", lambda config, opts: (1.0, 0.1))
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+
+
+def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_path, monkeypatch):
+    """`--interpolate 0.75`: each fine-tune is interpolated by tools/interpolate_weights.py and
+    evaluated; the row follows its variant's; a `--resume` of the same command redoes neither."""
+    calls = []
+    _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
     argv = ["quickstart.py", "--iters", "20", "--variants", "lsq", "aq", "--interpolate", "0.75", "--output", str(tmp_path)]
     monkeypatch.setattr("sys.argv", argv)
     quickstart.main()
@@ -328,3 +334,25 @@ def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_
     monkeypatch.setattr("sys.argv", argv[:-4] + ["--interpolate", "1.5", "--output", str(tmp_path)])
     with pytest.raises(SystemExit):
         quickstart.main()
+
+
+def test_resume_drops_an_interpolated_row_whose_runs_changed(quickstart, tmp_path, monkeypatch):
+    """A `--resume` without `--interpolate` keeps an earlier interpolated row only while it still
+    describes its variant's runs: a retrained run or another seed list drops it."""
+    calls = []
+    _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
+    base = ["quickstart.py", "--iters", "20", "--output", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", base + ["--variants", "lsq", "aq", "--interpolate", "0.75"])
+    quickstart.main()
+    aq = quickstart.VARIANTS["aq"][0]
+    names = lambda: [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][2:]]
+    aq_interpolated = quickstart.interpolated_name(aq, 0.75)
+
+    os.remove(tmp_path / "lsq_seed1" / "model_final.pth")  # LSQ seed 1 is trained again
+    monkeypatch.setattr("sys.argv", base + ["--variants", "lsq", "aq", "--resume"])
+    quickstart.main()
+    assert names() == ["LSQ", aq, aq_interpolated]
+
+    monkeypatch.setattr("sys.argv", base + ["--variants", "aq", "--seeds", "1", "2", "--resume"])
+    quickstart.main()
+    assert names() == ["LSQ", aq]
