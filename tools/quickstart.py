@@ -27,6 +27,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
+# What an interpolated row's name adds to its variant's; rows are matched to variants by it.
+INTERPOLATED = ", interpolated with its start"
 # Teacher schedules: iterations, and the one learning-rate drop. DETR's dense attention still
 # gains AP after Deformable-DETR's 3500 iterations have flattened.
 ARCHS = {
@@ -367,7 +369,7 @@ def main():
 
 
 def interpolated_name(name: str, alpha: float) -> str:
-    return f"{name}, interpolated with its start (alpha {alpha:g})"
+    return f"{name}{INTERPOLATED} (alpha {alpha:g})"
 
 
 def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bool):
@@ -402,8 +404,9 @@ def with_previous_rows(args, rows, retrained=frozenset()):
     for row in previous["rows"]:
         if "seeds" not in row or row["name"] in trained:
             continue
-        base = trained.get(row["name"].split(", interpolated")[0]) if ", interpolated" in row["name"] else None
-        if base is not None and (_seed_runs(row) != _seed_runs(base) or {d for _, d in _seed_runs(row)} & retrained):
+        base = trained.get(row["name"].partition(INTERPOLATED)[0]) if INTERPOLATED in row["name"] else None
+        seed_runs = _seed_runs(row)
+        if base is not None and (seed_runs != _seed_runs(base) or {d for _, d in seed_runs} & retrained):
             stage(f"dropped the earlier row \"{row['name']}\": its runs changed since; "
                   "--interpolate evaluates it again")
             continue
@@ -412,7 +415,7 @@ def with_previous_rows(args, rows, retrained=frozenset()):
     order = [r["name"] for r in rows if "seeds" not in r]
     for key in VARIANTS:
         name = VARIANTS[key][0]
-        order += [name, *sorted(n for n in by_name if n.startswith(name + ", interpolated"))]
+        order += [name, *sorted(n for n in by_name if n.startswith(name + INTERPOLATED))]
     return [by_name[name] for name in order if name in by_name]
 
 
