@@ -27,9 +27,11 @@ COMMON = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TR
 
 
 def _run(train_net, config, output_dir, *extra, flags=()):
+    """train_net.main on configs/shapes/`config` (a teacher config or its W4A4A4 student), tiny."""
+    tiny = TINY[config] if config in TINY else TINY[next(k for k, v in STUDENTS.items() if v == config)]
     args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(os.path.dirname(train_net.__file__), "..", "..", "configs", "shapes", config),
-         *flags, *COMMON, *TINY[config], "OUTPUT_DIR", str(output_dir), "DATASETS.TEST", f"('{SMALL_VAL}',)", *extra])
+         *flags, *COMMON, *tiny, "OUTPUT_DIR", str(output_dir), "DATASETS.TEST", f"('{SMALL_VAL}',)", *extra])
     return train_net.main(args)
 
 

@@ -1,11 +1,12 @@
 """`AQDETRTrainer`: Detectron2's DefaultTrainer with DETR data, optimizer and evaluators."""
+import functools
 import logging
 import os
 import weakref
 
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
@@ -13,8 +14,10 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AQDETRCheckpointer
 from ..data import DetrDatasetMapper, check_dataset_dicts
+from ..data.stream import SAMPLERS, ResumableTrainLoader
 from ..distill import build_distiller
 from .calibration import initialize_quantizers
+from .determinism import ExactResumeHook
 from .ema import EMAHook, ModelEMA
 from .optimizer import build_detr_optimizer
 
@@ -73,7 +76,10 @@ class AQDETRTrainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.model_ema = ModelEMA(cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
-        extra = {"model_ema": self.model_ema} if self.model_ema is not None else {}
+        # The data stream's position is checkpointed so that --resume continues it exactly.
+        extra = {"train_data": data_loader}
+        if self.model_ema is not None:
+            extra["model_ema"] = self.model_ema
         self.checkpointer = AQDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -89,14 +95,20 @@ class AQDETRTrainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         """Load weights (or resume), then calibrate any quantizer the checkpoint did not set."""
         super().resume_or_load(resume=resume)
+        if self.start_iter > 0 and not self.data_loader.restored:
+            logger.warning("The checkpoint holds no data-stream state (it predates exact resume): training "
+                           "continues from iteration %d with the data stream from its start", self.start_iter)
         initialize_quantizers(self.cfg, self.model)
 
     def build_hooks(self):
-        ret = super().build_hooks()
+        # First: its after_step gathers the data stream's state before the checkpointer saves it.
+        ret = [ExactResumeHook(self.data_loader, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter),
+               *super().build_hooks()]
         if self.model_ema is None:
             return ret
-        # After the LR scheduler, before the checkpointer and the evaluation that should see this step.
-        ret.insert(2, EMAHook(self.model_ema, self.model))
+        # Before the checkpointer and the evaluation, which should see this step's average.
+        first_reader = next(i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        ret.insert(first_reader, EMAHook(self.model_ema, self.model))
         return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
                 if isinstance(h, hooks.EvalHook) else h for h in ret]
 
@@ -111,10 +123,25 @@ class AQDETRTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """Detectron2's training data (datasets, sampler, aspect-ratio grouping) as a stream whose
+        position is checkpointed (`ResumableTrainLoader`)."""
         if cfg.DATASETS.CHECK_ANNOTATIONS:
             for name in cfg.DATASETS.TRAIN:
                 check_dataset_dicts(DatasetCatalog.get(name), name, num_classes_of(cfg))
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        if cfg.DATALOADER.SAMPLER_TRAIN not in SAMPLERS:
+            raise ValueError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported by "
+                             f"AQDETRTrainer's resumable loader; use one of {sorted(SAMPLERS)}")
+        dataset_dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN,
+                                                    filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        world_size = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world_size:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+                             f"{world_size} processes; make it a multiple of {world_size}")
+        make_sampler = functools.partial(SAMPLERS[cfg.DATALOADER.SAMPLER_TRAIN], dataset_dicts, cfg)
+        return ResumableTrainLoader(
+            dataset_dicts, DetrDatasetMapper(cfg, is_train=True), make_sampler, cfg.SOLVER.IMS_PER_BATCH // world_size,
+            seed=cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed(),
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
