@@ -283,6 +283,8 @@ def main():
         except ValueError as e:
             parser.error(f"--interpolate: {e}")
 
+    from aqdetr_d2.utils.results import INTERP
+
     check_dataset_dir()
     os.makedirs(args.output, exist_ok=True)
     arch = ARCHS[args.arch]
@@ -313,11 +315,16 @@ def main():
                               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
                               "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", str(args.iters)] + args.opts
     rows = []
-    for name, run, config, opts in [
-        ("full precision (teacher)", "teacher_eval", os.path.relpath(teacher_cfg, ROOT), ["MODEL.WEIGHTS", teacher]),
-        (f"PTQ min-max {bits} (no training)", "ptq", student_cfg,
+    untrained = ["MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]
+    for key, name, run, config, opts in [
+        ("teacher", "full precision (teacher)", "teacher_eval", os.path.relpath(teacher_cfg, ROOT),
+         ["MODEL.WEIGHTS", teacher]),
+        ("ptq", f"PTQ min-max {bits} (no training)", "ptq", student_cfg,
          common + ["MODEL.QUANT.QUANTIZER", "minmax", "MODEL.QUANT.ATTN_PROB_INIT", "lsq", "MODEL.QUANT.CALIB_BATCHES", "8",
-                   "MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]),
+                   *untrained]),
+        # The students' quantizers initialised exactly as QAT starts (same config, same calibration
+        # batches), not trained: what fine-tuning starts from.
+        ("calibrated", f"calibrated start {bits} (no training)", "calibrated", student_cfg, common + untrained),
     ]:
         run_dir = os.path.join(args.output, run)
         eval_opts = ["--eval-only", *opts, *args.opts]
@@ -329,7 +336,7 @@ def main():
             train_net(config, run_dir, eval_opts, run_dir + ".log")
             metrics = evaluated_metrics(run_dir + ".log")
         size_mb, gops = size_and_ops(config, opts + args.opts)
-        rows.append({"name": name, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
+        rows.append({"name": name, "key": key, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
                      "output_dir": run_dir, "numerics": run_numerics(run_dir)})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
     total, done = len(args.variants) * len(args.seeds), 0
@@ -362,10 +369,11 @@ def main():
                 interpolated.append({**runs[-1], **metrics})
                 stage(f"{name}, seed {seed}, interpolated with its start: AP {metrics['AP']:.1f}")
         size_mb, gops = size_and_ops(student_cfg, opts)
-        rows.append({"name": name, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops, "seeds": runs})
+        rows.append({"name": name, "key": key, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops,
+                     "seeds": runs})
         if interpolated:
-            rows.append({"name": interpolated_name(name, args.interpolate), **mean_over_seeds(interpolated),
-                         "size_mb": size_mb, "gops": gops, "seeds": interpolated})
+            rows.append({"name": interpolated_name(name, args.interpolate), "key": key + INTERP,
+                         **mean_over_seeds(interpolated), "size_mb": size_mb, "gops": gops, "seeds": interpolated})
 
     if args.resume:
         rows = with_previous_rows(args, rows, retrained)
@@ -393,6 +401,15 @@ def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bo
     return evaluated_metrics(eval_dir + ".log")
 
 
+def _key_of(name: str) -> str:
+    """The row key of a variant row named `name` (for results.json files written before rows had keys)."""
+    from aqdetr_d2.utils.results import INTERP
+
+    base, interpolated, _ = name.partition(INTERPOLATED)
+    key = next(k for k, v in VARIANTS.items() if v[0] == base)
+    return key + (INTERP if interpolated else "")
+
+
 def with_previous_rows(args, rows, retrained=frozenset()):
     """`rows` plus the ablation rows an earlier run in `--output` finished and this one did not
     train (e.g. `--resume --seeds 1 2 --variants lsq aq` after all four variants with seed 1),
@@ -414,7 +431,7 @@ def with_previous_rows(args, rows, retrained=frozenset()):
             stage(f"dropped the earlier row \"{row['name']}\": its runs changed since; "
                   "--interpolate evaluates it again")
             continue
-        kept[row["name"]] = {**row, "kept": True}
+        kept[row["name"]] = {"key": _key_of(row["name"]), **row, "kept": True}
     by_name = {**kept, **{r["name"]: r for r in rows}}
     order = [r["name"] for r in rows if "seeds" not in r]
     for key in VARIANTS:
@@ -460,15 +477,15 @@ def numerics_note(rows) -> str:
 
 
 def write_results(args, rows):
+    from aqdetr_d2.utils.results import rows_table
     from aqdetr_d2.utils.visualization import ablation_bar_chart
 
-    header = "| run | AP | AP50 | AP75 | APs | APm | APl | AP per seed | size (MB) | GOPs | train (min) |"
-    lines = [f"Command: `python tools/quickstart.py {' '.join(sys.argv[1:])}`", "", header,
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    results = {"args": vars(args), "rows": rows}
+    lines = [f"Command: `python tools/quickstart.py {' '.join(sys.argv[1:])}`", "", rows_table(results), "",
+             "| run | APs | APm | APl | size (MB) | GOPs | train (min) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        per_seed = " / ".join(f"{s['AP']:.1f}" for s in r.get("seeds", [])) or "-"
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in METRICS)
-                     + f" | {per_seed} | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in ("APs", "APm", "APl"))
+                     + f" | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
     kept = [r["name"] for r in rows if r.get("kept")]
     if kept:
         lines += ["", "Kept from the earlier run in this folder: " + ", ".join(kept) + "."]
@@ -477,7 +494,7 @@ def write_results(args, rows):
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+        json.dump(results, f, indent=2)
     ablation_bar_chart(rows, "AP", os.path.join(args.output, "ablation.png"))
     print(table)
 

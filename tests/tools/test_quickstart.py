@@ -79,17 +79,21 @@ def test_finished_runs_are_recognised(quickstart, tmp_path):
 
 
 def test_results_files(quickstart, tmp_path, capsys):
-    rows = [{"name": "teacher", **_run(70.0, 0), "size_mb": 16.0, "gops": 0.3}]
-    rows += [{"name": name, **quickstart.mean_over_seeds(runs), "size_mb": 1.5, "gops": 0.05, "seeds": runs}
-             for name, runs in [("LSQ", [_run(40.0, 1), _run(42.0, 2)]), ("AQ-DETR", [_run(45.0, 1)])]]
-    quickstart.write_results(argparse.Namespace(output=str(tmp_path)), rows)
+    teacher = {k: v for k, v in _run(70.0, 0).items() if k != "seed"}
+    rows = [{"name": "teacher", "key": "teacher", **teacher, "size_mb": 16.0, "gops": 0.3}]
+    rows += [{"name": name, "key": key, **quickstart.mean_over_seeds(runs), "size_mb": 1.5, "gops": 0.05, "seeds": runs}
+             for key, name, runs in [("lsq", "LSQ", [_run(40.0, 1), _run(42.0, 2)]), ("aq", "AQ-DETR", [_run(45.0, 1)])]]
+    quickstart.write_results(argparse.Namespace(output=str(tmp_path), arch="detr", precision="w4a4"), rows)
     table = (tmp_path / "results.md").read_text()
-    assert "| teacher | 70.0 | 140.0 |" in table and "| - |" in table
-    assert "| LSQ | 41.0 | 82.0 |" in table and "| 40.0 / 42.0 |" in table and "| AQ-DETR | 45.0 |" in table
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][2]["AP"] == 45.0
+    assert "| teacher | `teacher` | 70.0 | 140.0 | 70.0 | - | - |" in table
+    assert "| LSQ | `lsq` | 41.0 ± 1.4 | 82.0 ± 2.8 |" in table and "| 40.0 / 42.0 |" in table
+    assert "| AQ-DETR | `aq` | 45.0 ± 0.0 |" in table and "| within noise |" in table  # one seed: no claim
+    assert "| LSQ | 41.0 | 41.0 | nan | 1.50 | 0.050 | 4.5 |" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rows"][2]["AP"] == 45.0 and results["args"]["precision"] == "w4a4"
     image = Image.open(tmp_path / "ablation.png")
     assert image.size[0] > 200 and image.size[1] > 150
-    assert "| AQ-DETR | 45.0 |" in capsys.readouterr().out
+    assert "| AQ-DETR | `aq` | 45.0 ± 0.0 |" in capsys.readouterr().out
 
 
 def test_numerics_of_each_run_reach_the_table(quickstart, tmp_path):
@@ -153,16 +157,20 @@ def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
         return {"name": name, **quickstart.mean_over_seeds([_run(ap, s) for s in seeds]), "size_mb": 1.5,
                 "gops": 0.05, "seeds": [_run(ap, s) for s in seeds]}
 
-    teacher = {"name": "teacher", **_run(70.0, 0), "size_mb": 16.0, "gops": 0.3}
+    teacher = {"name": "teacher", "key": "teacher", **_run(70.0, 0), "size_mb": 16.0, "gops": 0.3}
     names = [quickstart.VARIANTS[k][0] for k in quickstart.VARIANTS]
     first = argparse.Namespace(output=str(tmp_path), arch="detr", precision="w4a4", resume=False)
-    quickstart.write_results(first, [teacher] + [row(n, 40.0 + i, [1]) for i, n in enumerate(names)])
+    # Written as before rows had keys: the kept rows get theirs from their names.
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"args": vars(first), "rows": [teacher] + [row(n, 40.0 + i, [1]) for i, n in enumerate(names)]}))
 
     # Seed 2 of LSQ and AQ-DETR only: the other rows come back from the first table, in order.
     lsq, aq = quickstart.VARIANTS["lsq"][0], quickstart.VARIANTS["aq"][0]
     second = argparse.Namespace(**{**vars(first), "resume": True})
-    rows = quickstart.with_previous_rows(second, [teacher, row(lsq, 50.0, [1, 2]), row(aq, 51.0, [1, 2])])
+    rows = quickstart.with_previous_rows(second, [teacher, {**row(lsq, 50.0, [1, 2]), "key": "lsq"},
+                                                  {**row(aq, 51.0, [1, 2]), "key": "aq"}])
     assert [r["name"] for r in rows] == ["teacher"] + names
+    assert [r["key"] for r in rows] == ["teacher"] + list(quickstart.VARIANTS)
     retrained = {lsq: 50.0, aq: 51.0}
     assert [r["AP"] for r in rows] == [70.0] + [retrained.get(n, 40.0 + i) for i, n in enumerate(names)]
     assert [bool(r.get("kept")) for r in rows] == [False] + [n not in retrained for n in names]
@@ -209,7 +217,8 @@ def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch
 
     monkeypatch.setattr("sys.argv", argv + ["--resume"])
     quickstart.main()  # nothing finished yet: train, continuing from any checkpoint in the folder
-    assert calls == [(str(teacher_dir), ["--resume"])]
+    # Its curve is evaluated on shapes_holdout, never on shapes_val.
+    assert calls == [(str(teacher_dir), ["--resume", "DATASETS.TEST", "('shapes_holdout',)"])]
 
     teacher_dir.mkdir()
     (teacher_dir / "model_final.pth").write_bytes(b"")
@@ -219,7 +228,7 @@ def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch
 
     monkeypatch.setattr("sys.argv", argv)
     quickstart.main()  # without --resume, --train-teacher trains afresh
-    assert calls[-1] == (str(teacher_dir), [])
+    assert calls[-1] == (str(teacher_dir), ["DATASETS.TEST", "('shapes_holdout',)"])
 
 
 def test_runs_get_the_malloc_tunables_unless_the_user_set_their_own(quickstart, tmp_path, monkeypatch):
@@ -322,16 +331,18 @@ def test_interpolate_adds_a_row_per_variant_and_resume_keeps_it(quickstart, tmp_
     assert calls.count("interpolate") == 2 and calls.count("interpolated_0.75") == 2
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     aq = quickstart.VARIANTS["aq"][0]
-    assert [r["name"] for r in rows[2:]] == ["LSQ", "LSQ, interpolated with its start (alpha 0.75)", aq,
+    assert [r["name"] for r in rows[3:]] == ["LSQ", "LSQ, interpolated with its start (alpha 0.75)", aq,
                                              aq + ", interpolated with its start (alpha 0.75)"]
-    assert [r["AP"] for r in rows[2:]] == [50.0, 60.0, 50.0, 60.0]
+    assert [r["AP"] for r in rows[3:]] == [50.0, 60.0, 50.0, 60.0]
+    assert [r["key"] for r in rows] == ["teacher", "ptq", "calibrated", "lsq", "lsq+interp", "aq", "aq+interp"]
+    assert "calibrated" in calls  # evaluated, not trained (the fake trains nothing for --eval-only)
     assert rows[3]["seeds"][0]["output_dir"] == str(tmp_path / "lsq_seed1")
 
     calls.clear()
     monkeypatch.setattr("sys.argv", argv + ["--resume"])
     quickstart.main()
     assert "interpolate" not in calls and "interpolated_0.75" not in calls
-    assert [r["AP"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][2:]] == [50.0, 60.0, 50.0, 60.0]
+    assert [r["AP"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][3:]] == [50.0, 60.0, 50.0, 60.0]
 
     monkeypatch.setattr("sys.argv", argv[:-4] + ["--interpolate", "1.5", "--output", str(tmp_path)])
     with pytest.raises(SystemExit):
@@ -347,7 +358,7 @@ def test_resume_drops_an_interpolated_row_whose_runs_changed(quickstart, tmp_pat
     monkeypatch.setattr("sys.argv", base + ["--variants", "lsq", "aq", "--interpolate", "0.75"])
     quickstart.main()
     aq = quickstart.VARIANTS["aq"][0]
-    names = lambda: [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][2:]]
+    names = lambda: [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][3:]]
     aq_interpolated = quickstart.interpolated_name(aq, 0.75)
 
     os.remove(tmp_path / "lsq_seed1" / "model_final.pth")  # LSQ seed 1 is trained again

@@ -1,0 +1,114 @@
+"""Ablation results (`results.json` of tools/quickstart.py): per-seed statistics, the pairing rule
+for claims, and the markdown tables that README.md and docs/ show.
+
+A results file is {"args": {"arch", "precision", ...}, "rows": [row, ...]}; a row has "name",
+"key" (`ROW_KEYS`, "+interp" appended for a row interpolated with its start), the COCO metrics
+(its seeds' mean for a trained row) and, for a trained row, "seeds": one dict of metrics per
+seed with "seed".
+"""
+import json
+import math
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+# Row key -> what the row is, in table order.
+ROW_KEYS = {
+    "teacher": "full-precision teacher",
+    "fp": "control: the teacher fine-tuned unquantized on the students' schedule",
+    "ptq": "PTQ min-max (no training)",
+    "calibrated": "calibrated start (LSQ quantizers initialised, no training)",
+    "lsq": "LSQ",
+    "aux": "LSQ + auxiliary queries",
+    "distill": "LSQ + distillation",
+    "aq": "AQ-DETR (auxiliary queries + distillation)",
+    "qdetr": "Q-DETR",
+}
+INTERP = "+interp"
+# Keys of rows that involve no training, shown without seeds.
+UNTRAINED = ("teacher", "ptq", "calibrated")
+
+
+def load_results(path: str) -> dict:
+    with open(path) as f:
+        results = json.load(f)
+    for row in results["rows"]:
+        if row.get("key", "").replace(INTERP, "") not in ROW_KEYS:
+            raise ValueError(f"{path}: row {row.get('name')!r} has key {row.get('key')!r}; expected one of "
+                             f"{sorted(ROW_KEYS)}, optionally with {INTERP!r}")
+    return results
+
+
+def seed_values(row: dict, metric: str = "AP") -> Dict[int, float]:
+    return {int(s["seed"]): float(s[metric]) for s in row.get("seeds", [])}
+
+
+def mean_std(values: Sequence[float]):
+    """(mean, sample standard deviation; 0 for one value)."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_claim(row: dict, baseline: dict, metric: str = "AP") -> str:
+    """"gain", "loss" or "within noise" for `row` against `baseline`, over the seeds both have.
+
+    A difference counts only when every paired per-seed difference has the same sign and their
+    mean exceeds twice their standard deviation; fewer than two shared seeds never count.
+    """
+    a, b = seed_values(row, metric), seed_values(baseline, metric)
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if len(diffs) < 2:
+        return "within noise"
+    mean, std = mean_std(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if same_sign and abs(mean) > 2 * std:
+        return "gain" if mean > 0 else "loss"
+    return "within noise"
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def ap_cell(row: dict, metric: str = "AP") -> str:
+    """"57.6" for an untrained row; "54.1 ± 0.5" (mean ± std over seeds) for a trained one."""
+    values = list(seed_values(row, metric).values())
+    if not values:
+        return _fmt(row[metric])
+    mean, std = mean_std(values)
+    return f"{_fmt(mean)} ± {std:.1f}"
+
+
+def rows_table(results: dict, baseline_key: str = "lsq") -> str:
+    """One results file as a markdown table: per row AP (mean ± std), AP50, AP75, each seed's AP,
+    and the paired claim against the `baseline_key` row."""
+    rows = results["rows"]
+    baseline = next((r for r in rows if r["key"] == baseline_key), None)
+    lines = [f"| run | key | AP | AP50 | AP75 | AP per seed | vs {ROW_KEYS.get(baseline_key, baseline_key)} |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        seeds = seed_values(row)
+        per_seed = " / ".join(f"{v:.1f}" for _, v in sorted(seeds.items())) or "-"
+        claim = "-"
+        if baseline is not None and seeds and row is not baseline and row["key"] not in UNTRAINED:
+            claim = paired_claim(row, baseline)
+        lines.append(f"| {row['name']} | `{row['key']}` | {ap_cell(row)} | {ap_cell(row, 'AP50')} | "
+                     f"{ap_cell(row, 'AP75')} | {per_seed} | {claim} |")
+    return "\n".join(lines)
+
+
+def grid_table(results_list: List[dict]) -> str:
+    """Several results files (one per precision) side by side: one row per key, AP mean ± std."""
+    columns = [r["args"]["precision"].upper() for r in results_list]
+    by_key: List[Dict[str, dict]] = [{row["key"]: row for row in r["rows"]} for r in results_list]
+    keys = [key for base in ROW_KEYS for key in (base, base + INTERP) if any(key in rows for rows in by_key)]
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key in keys:
+        base = key.replace(INTERP, "")
+        name = ROW_KEYS[base] + (", interpolated with its start" if key.endswith(INTERP) else "")
+        cells = [ap_cell(rows[key]) if key in rows else "-" for rows in by_key]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def find_row(results: dict, key: str) -> Optional[dict]:
+    return next((r for r in results["rows"] if r.get("key") == key), None)

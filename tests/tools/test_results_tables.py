@@ -1,0 +1,78 @@
+"""Results tables: the pairing rule, mean ± std over seeds, and the generated markdown (--check)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from aqdetr_d2.utils.results import grid_table, load_results, paired_claim, rows_table
+from train_net_helpers import load_script
+
+
+def _row(key, aps, name=None):
+    seeds = [{"seed": i + 1, "AP": ap, "AP50": ap + 30, "AP75": ap + 5} for i, ap in enumerate(aps)]
+    mean = float(np.mean(aps))
+    return {"name": name or key, "key": key, "AP": mean, "AP50": mean + 30, "AP75": mean + 5, "seeds": seeds}
+
+
+def _results(precision, rows):
+    return {"args": {"arch": "detr", "precision": precision}, "rows": rows}
+
+
+@pytest.mark.parametrize("aps, expected", [
+    ([51.0, 52.1, 50.9], "gain"),  # +1.0 / +1.1 / +0.9: same sign, mean 1.0 > 2 x 0.1
+    ([49.0, 49.9, 49.1], "loss"),
+    ([50.1, 53.0, 50.2], "within noise"),  # all above, but mean 1.1 < 2 x std 1.65
+    ([51.0, 50.5, 51.0], "within noise"),  # one seed below
+])
+def test_pairing_rule(aps, expected):
+    baseline = _row("lsq", [50.0, 51.0, 50.0])
+    assert paired_claim(_row("aq", aps), baseline) == expected
+    diffs = np.array(aps) - np.array([50.0, 51.0, 50.0])
+    independent = (abs(diffs.mean()) > 2 * diffs.std(ddof=1)) and (np.all(diffs > 0) or np.all(diffs < 0))
+    assert (expected != "within noise") == bool(independent)
+
+
+def test_one_shared_seed_is_never_a_gain():
+    assert paired_claim(_row("aq", [60.0]), _row("lsq", [50.0])) == "within noise"
+
+
+def test_rows_table_shows_mean_std_each_seed_and_the_claim():
+    teacher = {"name": "teacher", "key": "teacher", "AP": 57.6, "AP50": 96.5, "AP75": 69.2}
+    table = rows_table(_results("w2a2", [teacher, _row("lsq", [50.0, 51.0, 50.0]),
+                                         _row("aq", [51.0, 52.1, 50.9])]))
+    lines = table.splitlines()
+    assert lines[2].startswith("| teacher | `teacher` | 57.6 | 96.5 | 69.2 | - | - |")
+    std = np.std([50.0, 51.0, 50.0], ddof=1)
+    assert f"| 50.3 ± {std:.1f} |" in lines[3] and "50.0 / 51.0 / 50.0" in lines[3]
+    assert lines[4].endswith("| gain |")
+
+
+def test_grid_puts_precisions_side_by_side():
+    table = grid_table([_results("w4a4", [_row("lsq", [50.0, 52.0])]),
+                        _results("w2a2", [_row("lsq", [20.0, 22.0]), _row("aq+interp", [30.0, 30.0])])])
+    assert table.splitlines()[0] == "| run | W4A4 | W2A2 |"
+    assert "| LSQ | 51.0 ± 1.4 | 21.0 ± 1.4 |" in table
+    assert "| AQ-DETR (auxiliary queries + distillation), interpolated with its start | - | 30.0 ± 0.0 |" in table
+
+
+def test_rows_without_a_key_are_refused(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_results("w4a4", [{"name": "LSQ", "AP": 1.0}])))
+    with pytest.raises(ValueError, match="key"):
+        load_results(str(path))
+
+
+def test_tool_rewrites_and_checks_marked_tables(project_root, tmp_path, capsys):
+    tool = load_script(os.path.join(project_root, "tools", "results_tables.py"), "results_tables_tool")
+    (tmp_path / "docs" / "exp").mkdir(parents=True)
+    (tmp_path / "docs" / "exp" / "results.json").write_text(json.dumps(_results("w4a4", [_row("lsq", [50.0, 51.0])])))
+    marker = "<!-- results-table: rows docs/exp/results.json -->\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{marker}| typed by hand |\n<!-- /results-table -->\n\ntext\n")
+    assert tool.main(["--check"], root=str(tmp_path)) == 1
+    assert "README.md" in capsys.readouterr().out
+    assert tool.main([], root=str(tmp_path)) == 0
+    text = readme.read_text()
+    assert "typed by hand" not in text and "| lsq | `lsq` | 50.5 ± 0.7 |" in text and text.endswith("\n\ntext\n")
+    assert tool.main(["--check"], root=str(tmp_path)) == 0

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Write every results table of README.md and docs/ from the committed results.json files.
+
+    python tools/results_tables.py           # rewrite the tables in place
+    python tools/results_tables.py --check   # exit 1 if a committed table differs from what it would write
+
+A table is the text between a marker naming its source and `<!-- /results-table -->`:
+
+    <!-- results-table: rows docs/experiments/detr_w2a2/results.json -->
+    <!-- results-table: grid docs/experiments/detr_w4a4/results.json docs/experiments/detr_w3a3/results.json -->
+
+"rows" shows one results file (every row, mean ± std over seeds, each seed, and the paired
+claim against LSQ); "grid" puts several side by side, one column per precision. Paths are
+relative to the repository root. Tables are never typed by hand.
+"""
+import argparse
+import glob
+import os
+import re
+import sys
+
+from aqdetr_d2.utils.results import grid_table, load_results, rows_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKER = re.compile(r"(<!-- results-table: (rows|grid) ([^>]+?) -->\n)(.*?)(<!-- /results-table -->)", re.S)
+# How each kind of table is made from its results files.
+TABLES = {"rows": lambda results: rows_table(results[0]), "grid": grid_table}
+
+
+def documents(root: str = ROOT):
+    return [os.path.join(root, "README.md"), *sorted(glob.glob(os.path.join(root, "docs", "**", "*.md"),
+                                                                recursive=True))]
+
+
+def render(text: str, root: str = ROOT) -> str:
+    """`text` with every marked table regenerated."""
+    def table(match):
+        kind, paths = match.group(2), match.group(3).split()
+        if kind == "rows" and len(paths) != 1:
+            raise ValueError(f"a rows table names one results file, got {paths}")
+        results = [load_results(os.path.join(root, p)) for p in paths]
+        return match.group(1) + TABLES[kind](results) + "\n" + match.group(5)
+
+    return MARKER.sub(table, text)
+
+
+def main(argv=None, root: str = ROOT) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a table is stale")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in documents(root):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        try:
+            new = render(text, root)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"{os.path.relpath(path, root)}: {e}", file=sys.stderr)
+            return 2
+        if new != text:
+            stale.append(os.path.relpath(path, root))
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(new)
+    verb = "differ from the results files" if args.check else "rewritten"
+    print(f"tables {verb}: {', '.join(stale)}" if stale else "every results table is up to date")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
