@@ -18,162 +18,21 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
+from aqdetr_d2.experiments.runs import (METRICS, ROOT, evaluated_metrics, final_metrics, finished,
+                                        logged_evaluation, run_logged, run_numerics, stage, train_net)
+from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
+                                                   TEACHER_CURVE_OPTS, VARIANTS, fine_tune_opts, teacher_schedule,
+                                                   variant_opts)
+
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 # What an interpolated row's name adds to its variant's; rows are matched to variants by it.
 INTERPOLATED = ", interpolated with its start"
-# Teacher schedules: iterations, the one learning-rate drop, and how many evaluations (on
-# shapes_holdout) draw its curve. DETR's dense attention still gained 4.5 AP at the drop of a
-# 9000-iteration run (8000): its schedule drops at 11000 of 18000 so that the last quarter runs at
-# the low learning rate and shows whether AP has stopped rising.
-ARCHS = {
-    "deformable": {"teacher": "configs/shapes/deformable_detr_fp32.yaml", "student": "configs/shapes/aq_deformable_detr_{p}.yaml",
-                   "teacher_iters": 3500, "teacher_lr_drop": 3000, "teacher_evals": 5},
-    "detr": {"teacher": "configs/shapes/detr_fp32.yaml", "student": "configs/shapes/aqdetr_{p}.yaml",
-             "teacher_iters": 18000, "teacher_lr_drop": 11000, "teacher_evals": 18},
-}
-# The teacher's training curve is drawn on held-out images, never on shapes_val.
-TEACHER_CURVE_OPTS = ["DATASETS.TEST", "('shapes_holdout',)"]
-# --precision -> the bits it names: weights, activations, attention.
-PRECISIONS = {"w4a4": "W4A4A4", "w3a3": "W3A3A3", "w2a2": "W2A2A2", "w4a4a8": "W4A4A8"}
-# A half-width ResNet-18 keeps the teacher's checkpoint small enough to commit (~17 MB);
-# teacher and students share it.
-BACKBONE_OPTS = ["MODEL.BACKBONE.NAME", "build_narrow_resnet_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
-                 "MODEL.RESNETS.RES2_OUT_CHANNELS", "32"]
-# Ablation rows: --variants key -> (row name, quantized, auxiliary queries, distillation). "fp"
-# fine-tunes the teacher unquantized on the students' schedule: the AP that fine-tuning alone
-# moves, against which the quantized rows' distance to the teacher is read.
-VARIANTS = {"fp": ("full precision, fine-tuned", False, False, False), "lsq": ("LSQ", True, False, False),
-            "aux": ("LSQ + aux queries", True, True, False), "distill": ("LSQ + distillation", True, False, True),
-            "aq": ("AQ-DETR (aux queries + distillation)", True, True, True)}
-DEFAULT_VARIANTS = ["lsq", "aux", "distill", "aq"]
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Written into each fine-tune's folder: the minutes its last train_net call took.
 MINUTES_FILE = "quickstart_minutes.json"
-# glibc hands every freed block over 32 MB back to the OS, so each new attention-map-sized tensor
-# pays its page faults again; keeping freed memory in the heap took the DETR W4A4A4 quickstart
-# from 30.2 to 20.1 minutes on 2 cores with identical metrics. Other C libraries ignore it; a
-# GLIBC_TUNABLES of the user's own is kept.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647"
-
-
-_START = time.time()
-
-
-def stage(message: str):
-    elapsed = (time.time() - _START) / 60
-    print(f"[quickstart {time.strftime('%H:%M:%S')}, {elapsed:.1f} min] {message}", flush=True)
-
-
-def train_net_command(config: str, output_dir: str, opts):
-    return [sys.executable, TRAIN_NET, "--config-file", os.path.join(ROOT, config), *opts, "OUTPUT_DIR", output_dir]
-
-
-def log_header(cmd) -> str:
-    """The first line of a run's log: the command it ran."""
-    return "$ " + " ".join(cmd) + "\n"
-
-
-def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
-    """Run train_net.py; its output goes to the terminal and `log_path`. Returns seconds taken."""
-    return run_logged(train_net_command(config, output_dir, opts), log_path, f"train_net failed ({config})")
-
-
-def run_logged(cmd, log_path: str, failure: str) -> float:
-    """Run `cmd` from the project root with its output in `log_path` (first line: the command) and
-    Detectron2's ETA, evaluation and error lines on the terminal; exits with `failure` if it fails.
-    Returns seconds taken."""
-    start = time.time()
-    with open(log_path, "w") as log:
-        log.write(log_header(cmd))
-        log.flush()
-        env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if "eta:" in line or "copypaste" in line or "Error" in line:
-                sys.stdout.write(line)
-        if proc.wait() != 0:
-            raise SystemExit(f"{failure}; see {log_path}")
-    return time.time() - start
-
-
-def _copypaste_metrics(lines):
-    """The COCO box metrics in Detectron2's "copypaste" lines among `lines`, or None."""
-    values = [line.split("copypaste: ", 1)[1].strip() for line in lines if "copypaste: " in line]
-    for header, row in zip(values, values[1:]):
-        if header.startswith("AP,AP50"):
-            return dict(zip(header.split(","), (float(v) for v in row.split(","))))
-    return None
-
-
-def evaluated_metrics(log_path: str):
-    """The COCO box metrics an `--eval-only` run printed (Detectron2's "copypaste" lines)."""
-    with open(log_path) as f:
-        metrics = _copypaste_metrics(f)
-    if metrics is None:
-        raise SystemExit(f"no COCO evaluation in {log_path}")
-    return metrics
-
-
-def logged_evaluation(config: str, output_dir: str, opts, log_path: str):
-    """The COCO metrics in `log_path` if an earlier run of exactly this train_net command wrote
-    them (the log's first line is the command), else None: `--resume` then skips the re-evaluation."""
-    try:
-        with open(log_path) as f:
-            if f.readline() != log_header(train_net_command(config, output_dir, opts)):
-                return None
-            return _copypaste_metrics(f)
-    except OSError:
-        return None
-
-
-def _evaluations(output_dir: str):
-    """The COCO evaluations a run logged in Detectron2's metrics.json, oldest first (none if the
-    run never got as far as writing it)."""
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if '"bbox/AP"' in line]
-
-
-def final_metrics(output_dir: str):
-    """The last COCO evaluation logged in Detectron2's metrics.json."""
-    rows = _evaluations(output_dir)
-    if not rows:
-        raise SystemExit(f"no evaluation in {output_dir}/metrics.json")
-    return {k.split("/", 1)[1]: v for k, v in rows[-1].items() if k.startswith("bbox/") and "-" not in k}
-
-
-def run_numerics(output_dir: str):
-    """The distinct numerics lines train_net.py logged to `output_dir`/log.txt, oldest first: one
-    for a run made under one set of CPU instructions, more for one resumed under another, none for
-    a run from before train_net.py logged them."""
-    from aqdetr_d2.utils.numerics import NUMERICS_TAG
-
-    try:
-        with open(os.path.join(output_dir, "log.txt")) as f:
-            found = [line.split(NUMERICS_TAG, 1)[1].strip() for line in f if NUMERICS_TAG in line]
-    except OSError:
-        return []
-    return list(dict.fromkeys(found))
-
-
-def finished(output_dir: str, iters: int) -> bool:
-    """True when a run saved its final model and evaluated it at its end: Detectron2 logs that
-    evaluation at iteration `iters - 1` (periodic) or `iters` (after training, EVAL_PERIOD 0)."""
-    if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
-        return False
-    rows = _evaluations(output_dir)
-    return bool(rows) and rows[-1]["iteration"] in (iters - 1, iters)
 
 
 def previous_results(output: str) -> dict:
@@ -310,10 +169,7 @@ def main():
 
     student_cfg = arch["student"].format(p=args.precision)
     bits = PRECISIONS[args.precision]
-    common = BACKBONE_OPTS + ["MODEL.WEIGHTS", teacher, "MODEL.DISTILL.TEACHER_WEIGHTS", teacher,
-                              "MODEL.DISTILL.TEACHER_CONFIG", teacher_cfg,
-                              "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
-                              "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", str(args.iters)] + args.opts
+    common = fine_tune_opts(teacher, teacher_cfg, args.iters) + args.opts
     rows = []
     untrained = ["MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]
     for key, name, run, config, opts in [
@@ -342,9 +198,8 @@ def main():
     total, done = len(args.variants) * len(args.seeds), 0
     retrained = set()
     for key in args.variants:
-        name, quantized, aux, distill = VARIANTS[key]
-        opts = common + ["MODEL.QUANT.ENABLED", str(quantized), "MODEL.AUX_QUERIES.ENABLED", str(aux),
-                         "MODEL.DISTILL.ENABLED", str(distill)]
+        name, quantized = VARIANTS[key][:2]
+        opts = common + variant_opts(key)
         runs, interpolated = [], []
         for seed in args.seeds:
             done += 1
@@ -442,16 +297,6 @@ def with_previous_rows(args, rows, retrained=frozenset()):
 
 def _seed_runs(row):
     return [(run["seed"], run.get("output_dir")) for run in row["seeds"]]
-
-
-def teacher_schedule(arch, iters=None):
-    """train_net options for the teacher: `iters` (default the arch's) with the LR drop at the same fraction."""
-    default = arch["teacher_iters"]
-    iters = iters or default
-    lr_drop = int(arch["teacher_lr_drop"] * iters / default)
-    period = str(max(iters // arch["teacher_evals"], 1))
-    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({lr_drop},)", "TEST.EVAL_PERIOD", period,
-            "SOLVER.CHECKPOINT_PERIOD", period]
 
 
 def mean_over_seeds(runs):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from aqdetr_d2.experiments import runs
 from train_net_helpers import load_script
 
 
@@ -25,17 +26,17 @@ def test_final_metrics_reads_the_last_evaluation(quickstart, tmp_path):
              {"iteration": 9, "bbox/AP": 10.0, "bbox/AP50": 20.0, "bbox/AP-circle": 5.0},
              {"iteration": 19, "bbox/AP": 30.5, "bbox/AP50": 50.0, "bbox/AP-circle": 25.0}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert quickstart.final_metrics(str(tmp_path)) == {"AP": 30.5, "AP50": 50.0}
+    assert runs.final_metrics(str(tmp_path)) == {"AP": 30.5, "AP50": 50.0}
 
 
 def test_missing_evaluation_is_refused(quickstart, tmp_path):
     with pytest.raises(SystemExit, match="no evaluation"):
-        quickstart.final_metrics(str(tmp_path))  # no metrics.json at all
+        runs.final_metrics(str(tmp_path))  # no metrics.json at all
     (tmp_path / "model_final.pth").write_bytes(b"")
-    assert not quickstart.finished(str(tmp_path), 400)
+    assert not runs.finished(str(tmp_path), 400)
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 1, "total_loss": 1.0}) + "\n")
     with pytest.raises(SystemExit, match="no evaluation"):
-        quickstart.final_metrics(str(tmp_path))
+        runs.final_metrics(str(tmp_path))
 
 
 def test_corrupt_teacher_is_refused(quickstart, tmp_path):
@@ -69,13 +70,13 @@ def test_mean_over_seeds(quickstart):
 
 
 def test_finished_runs_are_recognised(quickstart, tmp_path):
-    assert not quickstart.finished(str(tmp_path), 400)
+    assert not runs.finished(str(tmp_path), 400)
     (tmp_path / "model_final.pth").write_bytes(b"")
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 199, "bbox/AP": 1.0}) + "\n")
-    assert not quickstart.finished(str(tmp_path), 400)  # evaluated at another length
-    assert quickstart.finished(str(tmp_path), 200)  # a periodic evaluation at the last step
-    assert quickstart.finished(str(tmp_path), 199)  # the evaluation after training (EVAL_PERIOD 0)
-    assert not quickstart.finished(str(tmp_path), 198)
+    assert not runs.finished(str(tmp_path), 400)  # evaluated at another length
+    assert runs.finished(str(tmp_path), 200)  # a periodic evaluation at the last step
+    assert runs.finished(str(tmp_path), 199)  # the evaluation after training (EVAL_PERIOD 0)
+    assert not runs.finished(str(tmp_path), 198)
 
 
 def test_results_files(quickstart, tmp_path, capsys):
@@ -121,29 +122,29 @@ def test_evaluated_metrics_reads_the_copypaste_lines(quickstart, tmp_path):
     log.write_text("[d2.evaluation.testing]: copypaste: Task: bbox\n"
                    "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
                    "[d2.evaluation.testing]: copypaste: 73.3066,93.4934,84.9689,72.3022,77.2350,nan\n")
-    metrics = quickstart.evaluated_metrics(str(log))
+    metrics = runs.evaluated_metrics(str(log))
     assert metrics["AP"] == 73.3066 and metrics["APm"] == 77.235 and metrics["APl"] != metrics["APl"]
     log.write_text("nothing evaluated\n")
     with pytest.raises(SystemExit, match="no COCO evaluation"):
-        quickstart.evaluated_metrics(str(log))
+        runs.evaluated_metrics(str(log))
 
 
 def test_resume_reuses_only_an_evaluation_of_the_same_command(quickstart, tmp_path):
     log, run_dir = tmp_path / "ptq.log", str(tmp_path / "ptq")
     opts = ["--eval-only", "MODEL.WEIGHTS", "teacher.pth"]
-    command = " ".join(quickstart.train_net_command("configs/a.yaml", run_dir, opts))
+    command = " ".join(runs.train_net_command("configs/a.yaml", run_dir, opts))
     evaluation = ("[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
                   "[d2.evaluation.testing]: copypaste: 36.1,66.0,34.1,41.0,27.8,nan\n")
-    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, opts, str(log)) is None  # no log yet
+    assert runs.logged_evaluation("configs/a.yaml", run_dir, opts, str(log)) is None  # no log yet
     log.write_text(f"$ {command}\n" + evaluation)
-    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, opts, str(log))["AP"] == 36.1
+    assert runs.logged_evaluation("configs/a.yaml", run_dir, opts, str(log))["AP"] == 36.1
     # Another checkpoint, config or output folder: evaluate again.
-    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, ["--eval-only", "MODEL.WEIGHTS", "other.pth"],
+    assert runs.logged_evaluation("configs/a.yaml", run_dir, ["--eval-only", "MODEL.WEIGHTS", "other.pth"],
                                         str(log)) is None
-    assert quickstart.logged_evaluation("configs/b.yaml", run_dir, opts, str(log)) is None
+    assert runs.logged_evaluation("configs/b.yaml", run_dir, opts, str(log)) is None
     # An evaluation that was interrupted before its metrics: evaluate again.
     log.write_text(f"$ {command}\nInference done 479/1000\n")
-    assert quickstart.logged_evaluation("configs/a.yaml", run_dir, opts, str(log)) is None
+    assert runs.logged_evaluation("configs/a.yaml", run_dir, opts, str(log)) is None
 
 
 def test_every_precision_has_student_configs(quickstart, project_root):
@@ -242,12 +243,12 @@ def test_runs_get_the_malloc_tunables_unless_the_user_set_their_own(quickstart, 
         def wait(self):
             return 0
 
-    monkeypatch.setattr(quickstart.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(runs.subprocess, "Popen", FakeRun)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    quickstart.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "a.log"))
+    runs.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "a.log"))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
-    quickstart.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "b.log"))
-    assert [e["GLIBC_TUNABLES"] for e in envs] == [quickstart.MALLOC_TUNABLES, "glibc.malloc.arena_max=1"]
+    runs.train_net("configs/a.yaml", str(tmp_path), [], str(tmp_path / "b.log"))
+    assert [e["GLIBC_TUNABLES"] for e in envs] == [runs.MALLOC_TUNABLES, "glibc.malloc.arena_max=1"]
     assert envs[0]["PATH"] == os.environ["PATH"]  # the rest of the environment is passed on
 
 
@@ -298,7 +299,7 @@ def _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
         calls.append(os.path.basename(out))
         ap = 60.0 if "interpolated" in out else 50.0
         with open(log_path, "w") as log:
-            log.write(quickstart.log_header(quickstart.train_net_command(config, out, opts)))
+            log.write(runs.log_header(runs.train_net_command(config, out, opts)))
             log.write(f"copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: {ap},90.0,50.0,50.0,50.0,nan\n")
         if "--eval-only" not in opts:
             os.makedirs(out, exist_ok=True)
