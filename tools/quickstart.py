@@ -23,7 +23,8 @@ import sys
 import torch
 
 from aqdetr_d2.experiments.runs import (METRICS, ROOT, evaluated_metrics, final_metrics, finished,
-                                        logged_evaluation, run_logged, run_numerics, stage, train_net)
+                                        logged_evaluation, record_minutes, recorded_minutes, run_logged, run_numerics,
+                                        stage, train_net)
 from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
                                                    TEACHER_CURVE_OPTS, VARIANTS, fine_tune_opts, teacher_schedule,
                                                    variant_opts)
@@ -31,8 +32,6 @@ from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 # What an interpolated row's name adds to its variant's; rows are matched to variants by it.
 INTERPOLATED = ", interpolated with its start"
-# Written into each fine-tune's folder: the minutes its last train_net call took.
-MINUTES_FILE = "quickstart_minutes.json"
 
 
 def previous_results(output: str) -> dict:
@@ -44,22 +43,13 @@ def previous_results(output: str) -> dict:
         return {}
 
 
-def record_minutes(run_dir: str, minutes: float):
-    """Keep a fine-tune's training minutes in its own folder, where a later `--resume` finds them
-    whatever results.json has been rewritten to since (e.g. by a run with fewer seeds)."""
-    with open(os.path.join(run_dir, MINUTES_FILE), "w") as f:
-        json.dump({"train_minutes": minutes}, f)
-
-
 def previous_minutes(output: str, run_dir: str) -> float:
     """The training minutes recorded for the finished run in `run_dir`: its own record, else
     (runs from before records were kept) the earlier results.json in `output`, else NaN, which
     the table prints as "nan" rather than a time nobody measured."""
-    try:
-        with open(os.path.join(run_dir, MINUTES_FILE)) as f:
-            return float(json.load(f)["train_minutes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    minutes = recorded_minutes(run_dir)
+    if not math.isnan(minutes):
+        return minutes
     rows = previous_results(output).get("rows", [])
     runs = [run for row in rows for run in row.get("seeds", []) if run["output_dir"] == run_dir]
     return runs[0]["train_minutes"] if runs else float("nan")

@@ -11,6 +11,8 @@ from ..utils.numerics import NUMERICS_TAG
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Written into each fine-tune's folder: the minutes its last train_net call took.
+MINUTES_FILE = "quickstart_minutes.json"
 # glibc hands every freed block over 32 MB back to the OS, so each new attention-map-sized tensor
 # pays its page faults again; keeping freed memory in the heap took the DETR W4A4A4 quickstart
 # from 30.2 to 20.1 minutes on 2 cores with identical metrics. Other C libraries ignore it; a
@@ -127,3 +129,25 @@ def finished(output_dir: str, iters: int) -> bool:
         return False
     rows = _evaluations(output_dir)
     return bool(rows) and rows[-1]["iteration"] in (iters - 1, iters)
+
+
+def last_value(opts, key: str, default: str) -> str:
+    """The value train_net would use for `key` from KEY VALUE `opts` (the last one wins)."""
+    values = [opts[i + 1] for i in range(0, len(opts) - 1, 2) if opts[i] == key]
+    return values[-1] if values else default
+
+
+def record_minutes(run_dir: str, minutes: float):
+    """Keep a fine-tune's training minutes in its own folder, where a later `--resume` finds them
+    whatever results file has been rewritten since (e.g. by a run with fewer seeds)."""
+    with open(os.path.join(run_dir, MINUTES_FILE), "w") as f:
+        json.dump({"train_minutes": minutes}, f)
+
+
+def recorded_minutes(run_dir: str) -> float:
+    """The minutes `record_minutes` kept for `run_dir`, else NaN (a time nobody measured)."""
+    try:
+        with open(os.path.join(run_dir, MINUTES_FILE)) as f:
+            return float(json.load(f)["train_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("nan")

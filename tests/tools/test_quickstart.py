@@ -286,7 +286,7 @@ def test_resume_with_fewer_seeds_keeps_the_other_runs_minutes(quickstart, tmp_pa
     assert lsq_seed_minutes(["1"]) == {1: 5.0}
     assert lsq_seed_minutes(["1", "2"]) == {1: 5.0, 2: 7.0}
     # A finished run with no record anywhere (made by hand) reports no time rather than 0.
-    (tmp_path / "lsq_seed2" / quickstart.MINUTES_FILE).unlink()
+    (tmp_path / "lsq_seed2" / runs.MINUTES_FILE).unlink()
     (tmp_path / "results.json").unlink()
     assert math.isnan(lsq_seed_minutes(["1", "2"])[2])
 

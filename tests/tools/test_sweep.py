@@ -1,0 +1,98 @@
+"""tools/sweep.py: the same budget per variant, holdout-only trials, the pick, resume, picked configs."""
+import json
+import os
+
+import pytest
+
+from aqdetr_d2.config import load_config
+from aqdetr_d2.experiments import runs
+from train_net_helpers import load_script
+
+
+@pytest.fixture(scope="module")
+def sweep(project_root):
+    return load_script(os.path.join(project_root, "tools", "sweep.py"), "sweep_tool")
+
+
+SPACE = """
+shared:
+  SOLVER.BASE_LR: [1.0e-5, 2.0e-5, 5.0e-5]
+  ema: [{MODEL_EMA.ENABLED: False}, {MODEL_EMA.ENABLED: True, MODEL_EMA.DECAY: 0.99}]
+variants:
+  aux:
+    MODEL.AUX_QUERIES.LOSS_WEIGHT: [0.5, 1.0]
+  aq:
+    inherit: [aux]
+    MODEL.DISTILL.ENC_ATTN_WEIGHT: [0.0, 1.0]
+"""
+
+
+def _fake_runs(sweep, monkeypatch, calls):
+    """train_net replaced: holdout AP grows with the learning rate and the aux weight."""
+    def fake_train_net(config, out, opts, log_path):
+        calls.append((out, opts))
+        assert "shapes_val" not in " ".join(opts)
+        ap = 100 * float(runs.last_value(opts, "SOLVER.BASE_LR", "0")) * 1000 + float(
+            runs.last_value(opts, "MODEL.AUX_QUERIES.LOSS_WEIGHT", "0"))
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "model_final.pth"), "wb").close()
+        iters = int(runs.last_value(opts, "SOLVER.MAX_ITER", "0"))
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
+        return 60.0
+
+    monkeypatch.setattr(sweep, "train_net", fake_train_net)
+
+
+def test_every_variant_gets_the_budget_on_holdout_and_the_best_is_picked(sweep, tmp_path, monkeypatch, make_cfg):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    calls = []
+    _fake_runs(sweep, monkeypatch, calls)
+    out = tmp_path / "sweep"
+    argv = ["--space", str(space), "--precision", "w2a2", "--variants", "lsq", "aux", "aq", "--budget", "4",
+            "--iters", "20", "--output", str(out), "--write-configs", str(tmp_path / "picked")]
+    sweep.main(argv)
+    result = json.loads((out / "sweep.json").read_text())
+    per_variant = {v: [t for t in result["trials"] if t["variant"] == v] for v in ("lsq", "aux", "aq")}
+    assert {v: len(t) for v, t in per_variant.items()} == {"lsq": 4, "aux": 4, "aq": 4}
+    for trial in result["trials"]:
+        opts = trial["train_opts"]
+        assert runs.last_value(opts, "DATASETS.TEST", "") == "('shapes_holdout',)"
+        assert runs.last_value(opts, "SEED", "") == "1"
+    # aq tunes the shared knobs, aux's (inherited) and its own.
+    assert {k for t in per_variant["aq"] for k in t["opts"][::2]} >= {"SOLVER.BASE_LR", "MODEL_EMA.ENABLED",
+                                                                      "MODEL.AUX_QUERIES.LOSS_WEIGHT"}
+    for variant, trials in per_variant.items():
+        best = max(trials, key=lambda t: t["holdout"]["AP"])
+        assert result["picked"][variant]["trial"] == best["trial"]
+    # The same draw again: same trials, and --resume trains none of them.
+    calls.clear()
+    sweep.main(argv + ["--resume"])
+    assert calls == []
+    assert json.loads((out / "sweep.json").read_text())["trials"] == result["trials"]
+
+    # A picked config alone gives train_net the trial's settings (given SEED, OUTPUT_DIR, test set).
+    trial = next(t for t in result["trials"] if t["trial"] == result["picked"]["aq"]["trial"])
+    picked = load_config(str(tmp_path / "picked" / "detr_w2a2_aq.yaml"))
+    from_opts = load_config(os.path.join(runs.ROOT, "configs", "shapes", "aqdetr_w2a2.yaml"), trial["train_opts"])
+    picked.merge_from_list(["SEED", "1", "DATASETS.TEST", "('shapes_holdout',)"])
+    assert picked.dump() == from_opts.dump()
+
+
+def test_bad_spaces_are_refused(sweep, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("variants:\n  fancy:\n    SOLVER.BASE_LR: [1.0]\n")
+    with pytest.raises(SystemExit, match="unknown variant 'fancy'"):
+        sweep.load_space(str(space))
+    space.write_text("shared:\n  SOLVER.BASE_LR: 1.0\n")
+    with pytest.raises(SystemExit, match="non-empty list"):
+        sweep.load_space(str(space))
+
+
+def test_draws_are_fixed_and_without_replacement(sweep):
+    space = {"shared": {"A": [1, 2, 3], "B": [{"C": 1}, {"C": 2, "D": 3}]}}
+    first = sweep.draw_trials(space, "lsq", 4, 0)
+    assert first == sweep.draw_trials(space, "lsq", 4, 0) and len({json.dumps(t) for t in first}) == 4
+    assert len(sweep.draw_trials(space, "lsq", 100, 0)) == 6  # the whole product when it is smaller
+    assert ["A", "2", "C", "2", "D", "3"] in sweep.draw_trials(space, "lsq", 100, 0)

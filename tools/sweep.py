@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Tune every ablation variant with the same budget, on shapes_holdout only.
+
+    python tools/sweep.py --space configs/shapes/sweeps/detr.yaml --precision w3a3 \\
+        --variants lsq aux distill aq --budget 6 --output output/sweep_detr_w3a3 [--resume] \\
+        [--alphas 0.5 0.75 1.0] [--write-configs configs/shapes/picked]
+
+The space file (YAML) lists knobs: `shared` ones every variant tunes (learning rate, schedule,
+EMA, ...) and per-variant ones under `variants` (auxiliary-query mode, K and weight;
+distillation weights; `inherit: [aux, distill]` takes other variants' knobs). A knob is a
+config key with a list of values, or a name with a list of option dicts that go together
+(e.g. an EMA on/off switch with its decay). Each variant gets `--budget` trials drawn without
+replacement from the product of its knobs (all of them when the product is smaller), in an
+order fixed by `--draw-seed`: the same budget for every variant.
+
+Each trial fine-tunes from the teacher (tools/quickstart.py's options) and is evaluated on
+shapes_holdout; shapes_val is never read. The tool writes `sweep.json` (every trial with its
+holdout metrics, and the pick: the best holdout AP per variant) and `sweep.md` to `--output`.
+With `--alphas`, each pick is also interpolated with its calibrated start
+(tools/interpolate_weights.py) at each alpha and the best alpha on holdout is picked.
+`--write-configs DIR` writes each pick as a config (`<arch>_<precision>_<variant>.yaml`) that
+reproduces the fine-tune with train_net.py alone, given SEED and OUTPUT_DIR.
+"""
+import argparse
+import ast
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+
+import yaml
+
+from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, last_value,
+                                        logged_evaluation, record_minutes, recorded_minutes, run_logged, stage,
+                                        train_net)
+from aqdetr_d2.experiments.shapes_ablation import ARCHS, PRECISIONS, VARIANTS, fine_tune_opts, variant_opts
+
+HOLDOUT = ["DATASETS.TEST", "('shapes_holdout',)"]
+INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
+
+
+def load_space(path: str) -> dict:
+    """The space file, checked: {"shared": {knob: values}, "variants": {variant: {knob: values}}}."""
+    with open(path) as f:
+        space = yaml.safe_load(f) or {}
+    unknown = set(space) - {"shared", "variants"}
+    if unknown:
+        raise SystemExit(f"{path}: unknown sections {sorted(unknown)}; a space has 'shared' and 'variants'")
+    for variant in space.get("variants", {}):
+        if variant not in VARIANTS:
+            raise SystemExit(f"{path}: unknown variant {variant!r}; variants are {sorted(VARIANTS)}")
+    for name, values in _all_knobs(space):
+        if not isinstance(values, list) or not values:
+            raise SystemExit(f"{path}: knob {name!r} needs a non-empty list of values")
+    return space
+
+
+def _all_knobs(space):
+    yield from space.get("shared", {}).items()
+    for knobs in space.get("variants", {}).values():
+        yield from ((k, v) for k, v in knobs.items() if k != "inherit")
+
+
+def variant_knobs(space: dict, variant: str) -> dict:
+    """The knobs `variant` tunes: the shared ones, its own, and those of the variants it inherits."""
+    own = dict(space.get("variants", {}).get(variant, {}))
+    knobs = dict(space.get("shared", {}))
+    for parent in own.pop("inherit", []):
+        knobs.update(variant_knobs(space, parent))
+    knobs.update(own)
+    return knobs
+
+
+def trial_opts(knobs: dict, choice: tuple) -> list:
+    """KEY VALUE options of one point of the knobs' product (option-dict knobs expanded)."""
+    opts = []
+    for (name, _), value in zip(knobs.items(), choice):
+        items = value.items() if isinstance(value, dict) else [(name, value)]
+        for key, v in items:
+            opts += [key, str(v)]
+    return opts
+
+
+def draw_trials(space: dict, variant: str, budget: int, draw_seed: int) -> list:
+    """`budget` option lists for `variant`, without replacement, in a fixed shuffled order."""
+    knobs = variant_knobs(space, variant)
+    points = list(itertools.product(*knobs.values()))
+    random.Random(f"{draw_seed}:{variant}").shuffle(points)
+    return [trial_opts(knobs, p) for p in points[:budget]]
+
+
+def trial_name(variant: str, opts: list) -> str:
+    return f"{variant}_{hashlib.sha1(json.dumps(opts).encode()).hexdigest()[:8]}"
+
+
+def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) -> dict:
+    run_dir = os.path.join(args.output, trial_name(variant, opts))
+    full = common + variant_opts(variant) + opts + HOLDOUT + ["SEED", str(args.seed)]
+    iters = int(last_value(full, "SOLVER.MAX_ITER", str(args.iters)))
+    if args.resume and finished(run_dir, iters):
+        stage(f"{variant} {os.path.basename(run_dir)}: kept the finished trial")
+        minutes = recorded_minutes(run_dir)
+    else:
+        stage(f"{variant} {os.path.basename(run_dir)}: {' '.join(opts) or 'defaults'}")
+        minutes = train_net(student_cfg, run_dir, (["--resume"] if args.resume else []) + full, run_dir + ".log") / 60
+        record_minutes(run_dir, minutes)
+    metrics = final_metrics(run_dir)
+    stage(f"{variant} {os.path.basename(run_dir)}: holdout AP {metrics['AP']:.1f}")
+    return {"variant": variant, "trial": os.path.basename(run_dir), "opts": opts, "train_opts": full,
+            "holdout": metrics, "train_minutes": minutes, "output_dir": run_dir}
+
+
+def pick_alpha(args, student_cfg: str, trial: dict) -> dict:
+    """Holdout AP of the pick interpolated with its calibrated start at each of `--alphas`."""
+    run_dir, scores = trial["output_dir"], {}
+    for alpha in args.alphas:
+        weights = os.path.join(run_dir, f"interpolated_{alpha:g}.pth")
+        eval_dir = os.path.join(run_dir, f"interpolated_{alpha:g}_holdout")
+        eval_opts = ["--eval-only", *trial["train_opts"], "MODEL.WEIGHTS", weights, "MODEL_EMA.ENABLED", "False"]
+        metrics = logged_evaluation(student_cfg, eval_dir, eval_opts, eval_dir + ".log") if args.resume else None
+        if metrics is None:
+            run_logged([sys.executable, INTERPOLATE, "--config-file", os.path.join(run_dir, "config.yaml"),
+                        "--fine-tuned", os.path.join(run_dir, "model_final.pth"), "--alpha", str(alpha),
+                        "--output", weights], eval_dir + "_weights.log", f"interpolating {run_dir} failed")
+            train_net(student_cfg, eval_dir, eval_opts, eval_dir + ".log")
+            metrics = evaluated_metrics(eval_dir + ".log")
+        scores[f"{alpha:g}"] = metrics["AP"]
+        stage(f"{trial['variant']}: interpolated at alpha {alpha:g}, holdout AP {metrics['AP']:.1f}")
+    best = max(scores, key=scores.get)
+    return {"holdout_AP": scores, "alpha": float(best)}
+
+
+def _config_value(text: str):
+    """A KEY VALUE option's value as yacs reads it (literal_eval, else the string)."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return list(value) if isinstance(value, tuple) else value
+
+
+def picked_config(args, student_cfg: str, trial: dict, sweep_path: str) -> str:
+    """YAML text of a config that reproduces `trial` (its student config plus every option but the
+    holdout evaluation, SEED and OUTPUT_DIR, which the caller chooses)."""
+    tree: dict = {}
+    opts = trial["train_opts"]
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key in ("DATASETS.TEST", "SEED"):
+            continue
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _config_value(value)
+    header = (f"# {VARIANTS[trial['variant']][0]}, {PRECISIONS[args.precision]}: picked by tools/sweep.py on "
+              f"shapes_holdout\n# (trial {trial['trial']}, holdout AP {trial['holdout']['AP']:.1f}; "
+              f"every trial in {os.path.relpath(sweep_path, ROOT)}).\n")
+    base = os.path.relpath(os.path.join(ROOT, student_cfg), os.path.join(ROOT, args.write_configs))
+    return header + yaml.safe_dump({"_BASE_": base, **tree}, sort_keys=False)
+
+
+def write_outputs(args, trials, picked):
+    path = os.path.join(args.output, "sweep.json")
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "trials": trials, "picked": picked}, f, indent=2)
+    lines = [f"Command: `python tools/sweep.py {' '.join(sys.argv[1:])}`", "",
+             "| variant | trial | options | holdout AP | AP50 | AP75 | picked |", "|---|---|---|---|---|---|---|"]
+    for t in trials:
+        mark = "yes" if picked.get(t["variant"], {}).get("trial") == t["trial"] else ""
+        lines.append(f"| {t['variant']} | {t['trial']} | `{' '.join(t['opts'])}` | {t['holdout']['AP']:.1f} | "
+                     f"{t['holdout']['AP50']:.1f} | {t['holdout']['AP75']:.1f} | {mark} |")
+    for variant, p in picked.items():
+        if "alpha" in p:
+            lines.append(f"\n{variant}: interpolation alpha {p['alpha']:g} (holdout AP by alpha: {p['holdout_AP']})")
+    with open(os.path.join(args.output, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True, help="YAML file of the knobs to tune")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="detr")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="w4a4")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), required=True)
+    parser.add_argument("--budget", type=int, required=True, help="trials per variant")
+    parser.add_argument("--iters", type=int, default=400, help="fine-tuning iterations unless a knob sets them")
+    parser.add_argument("--seed", type=int, default=1, help="training seed of every trial")
+    parser.add_argument("--draw-seed", type=int, default=0, help="order in which trials are drawn")
+    parser.add_argument("--alphas", type=float, nargs="*", default=[],
+                        help="also pick an interpolation alpha for each variant's pick")
+    parser.add_argument("--write-configs", metavar="DIR", help="write each pick as a config into DIR")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--resume", action="store_true", help="keep finished trials, resume unfinished ones")
+    args = parser.parse_args(argv)
+    if args.budget < 1:
+        parser.error("--budget must be at least 1")
+    if any(not 0.0 <= a <= 1.0 for a in args.alphas):
+        parser.error("--alphas must lie in [0, 1]")
+    space = load_space(args.space)
+
+    # Relative to the root, where every run starts: the picked configs name it so too.
+    committed = os.path.join("docs", "quickstart", f"{args.arch}_teacher")
+    if not os.path.exists(os.path.join(ROOT, committed + ".pth")):
+        raise SystemExit(f"no committed teacher {committed}.pth; train one with tools/quickstart.py --train-teacher")
+    student_cfg = ARCHS[args.arch]["student"].format(p=args.precision)
+    common = fine_tune_opts(committed + ".pth", committed + ".yaml", args.iters)
+    os.makedirs(args.output, exist_ok=True)
+    trials, picked = [], {}
+    for variant in args.variants:
+        mine = [run_trial(args, student_cfg, common, variant, opts)
+                for opts in draw_trials(space, variant, args.budget, args.draw_seed)]
+        trials += mine
+        best = max(mine, key=lambda t: t["holdout"]["AP"])
+        picked[variant] = {"trial": best["trial"], "opts": best["opts"], "holdout_AP": best["holdout"]["AP"]}
+        if args.alphas and VARIANTS[variant][1]:
+            picked[variant]["interpolation"] = pick_alpha(args, student_cfg, best)
+        write_outputs(args, trials, picked)
+    path = write_outputs(args, trials, picked)
+    if args.write_configs:
+        os.makedirs(args.write_configs, exist_ok=True)
+        for variant, p in picked.items():
+            trial = next(t for t in trials if t["trial"] == p["trial"])
+            name = os.path.join(args.write_configs, f"{args.arch}_{args.precision}_{variant}.yaml")
+            with open(name, "w") as f:
+                f.write(picked_config(args, student_cfg, trial, path))
+            stage(f"{variant}: picked config {name}")
+
+
+if __name__ == "__main__":
+    main()
