@@ -109,6 +109,7 @@ def add_aqdetr_config(cfg: CN) -> None:
 
     add_detr_input_config(cfg)
     cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts
+    cfg.DATASETS.CHECK_IMAGES = 5000  # decode every training image at start if the dataset has at most this many
 
 
 def _close_keys(cfg: CN, key: str):

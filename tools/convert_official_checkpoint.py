@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from aqdetr_d2.checkpoint import convert_official_state_dict
+from aqdetr_d2.checkpoint import UnsafeCheckpointError, convert_official_state_dict, load_torch_weights
 from aqdetr_d2.checkpoint.official import ARCHS
 
 
@@ -20,9 +20,12 @@ def main():
     parser.add_argument("output", help="converted checkpoint (.pth)")
     args = parser.parse_args()
 
-    checkpoint = torch.load(args.input, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
-    converted = convert_official_state_dict(state, args.arch, args.coco_to_contiguous)
+    try:
+        checkpoint = load_torch_weights(args.input, "official checkpoint")
+        state = checkpoint.get("model", checkpoint)
+        converted = convert_official_state_dict(state, args.arch, args.coco_to_contiguous)
+    except (UnsafeCheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     torch.save({"model": converted, "__author__": f"converted from official {args.arch}"}, args.output)
     print(f"wrote {len(converted)} tensors to {args.output}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tune every ablation variant with the same budget, on shapes_holdout only.
 
-    python tools/sweep.py --space configs/shapes/sweeps/detr.yaml --precision w3a3 \\
+    python tools/sweep.py --space tools/sweep_spaces/detr_methods.yaml --precision w3a3 \\
         --variants lsq aux distill aq --budget 6 --output output/sweep_detr_w3a3 [--resume] \\
         [--alphas 0.5 0.75 1.0] [--write-configs configs/shapes/picked]
 

@@ -71,6 +71,11 @@ def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_con
         raise ValueError(f"coco_to_contiguous must be auto/yes/no, got '{coco_to_contiguous}'")
     if not any(k.startswith("backbone.0.body.") for k in state):
         raise ValueError("not an official DETR / Deformable-DETR state dict: no 'backbone.0.body.*' keys")
+    deformable = any("sampling_offsets" in k for k in state)
+    if deformable != (arch == "deformable_detr"):
+        found = "deformable_detr" if deformable else "detr"
+        raise ValueError(f"this is a {found} checkpoint ({'it has' if deformable else 'no'} deformable attention "
+                         f"'sampling_offsets'), not {arch}: convert it with --arch {found}")
     head_prefix = "" if arch == "detr" else "detector."
     out = {}
     for key, value in _split_in_proj(state).items():
@@ -89,6 +94,25 @@ def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_con
         if rows != coco_rows:
             raise ValueError(f"class head has {rows} rows, COCO's official head has {coco_rows}")
         keep = _coco_contiguous_rows(with_no_object)
+        proposal_keys = _proposal_head_keys(out, class_keys)
+        # The two-stage proposal head scores objectness in its row 0 (top-k selection and the
+        # encoder loss read it), which no COCO class owns: that row stays first.
+        proposal_keep = torch.cat([torch.zeros(1, dtype=keep.dtype), keep[1:]])
         for k in class_keys:
-            out[k] = out[k][keep].clone()
+            out[k] = out[k][proposal_keep if k in proposal_keys else keep].clone()
     return out
+
+
+def _proposal_head_keys(out: Dict[str, Tensor], class_keys):
+    """The class-head tensors of a two-stage model's encoder proposals: the last of the per-layer
+    heads (index = decoder layers), under both of its names; none for one-stage models."""
+    if not any(k.endswith("transformer.enc_output.weight") for k in out):
+        return set()
+    index = max(int(re.search(r"class_embed\.(\d+)\.", k).group(1)) for k in class_keys if re.search(r"\.\d+\.", k))
+    proposal = {k for k in class_keys if f"class_embed.{index}." in k}
+    first = {k.replace(f"class_embed.{index}.", "class_embed.0.") for k in proposal}
+    if any(torch.equal(out[p], out[f]) for p, f in zip(sorted(proposal), sorted(first)) if f in out):
+        raise ValueError("two-stage without box refinement shares one class head between the proposals' objectness "
+                         "(row 0) and the classes, so its rows cannot be remapped; convert with "
+                         "--coco-to-contiguous no")
+    return proposal

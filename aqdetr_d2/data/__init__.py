@@ -9,7 +9,7 @@ from .shapes import (
     register_shapes,
     write_shapes_split,
 )
-from .validation import check_dataset_dicts
+from .validation import DatasetError, check_dataset_dicts, check_evaluator_type, check_images_readable, check_num_classes
 
 __all__ = [
     "add_detr_input_config",
@@ -21,7 +21,11 @@ __all__ = [
     "prepare_shapes_split",
     "register_shapes",
     "write_shapes_split",
+    "DatasetError",
     "check_dataset_dicts",
+    "check_evaluator_type",
+    "check_images_readable",
+    "check_num_classes",
 ]
 
 # Registers "shapes_train", "shapes_val" and "shapes_holdout"; nothing is generated until they are loaded.

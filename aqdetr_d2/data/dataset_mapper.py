@@ -89,7 +89,10 @@ class DetrDatasetMapper:
             dict: the format that Detectron2's builtin models accept.
         """
         dataset_dict = copy.deepcopy(dataset_dict)  # it is modified below
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        try:
+            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors name no file
+            raise OSError(f"cannot read image '{dataset_dict['file_name']}': {e}") from e
         utils.check_image_size(dataset_dict, image)
 
         aug_input = T.AugInput(image)

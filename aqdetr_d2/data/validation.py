@@ -5,9 +5,19 @@ Checks of training dataset dicts. They turn problems that DETR reports late or n
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from PIL import Image
+
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
-__all__ = ["check_dataset_dicts"]
+__all__ = ["DatasetError", "check_dataset_dicts", "check_evaluator_type", "check_images_readable", "check_num_classes"]
+
+
+
+class DatasetError(ValueError):
+    """A problem of the user's data, found before training: the message names the dataset, the
+    image and the fix."""
+
 
 _SUPPORTED_BOX_MODES = (int(BoxMode.XYXY_ABS), int(BoxMode.XYWH_ABS))
 # Boxes may stick out of the image by this many pixels (rounding in converted datasets).
@@ -128,7 +138,7 @@ def check_dataset_dicts(dataset_dicts: List[Dict], dataset_name: str, num_classe
         ValueError: for the first problem found, naming the dataset, the image and the fix.
     """
     if len(dataset_dicts) == 0:
-        raise ValueError(
+        raise DatasetError(
             f"Dataset '{dataset_name}' has no images. Check the json file and image root it "
             "was registered with, and that filtering (e.g. DATALOADER.FILTER_EMPTY_ANNOTATIONS) "
             "did not remove every image."
@@ -137,14 +147,14 @@ def check_dataset_dicts(dataset_dicts: List[Dict], dataset_name: str, num_classe
     problem = _box_problem(annotations)
     if problem is not None:
         k, message = problem
-        raise ValueError(f"Dataset '{dataset_name}', image '{annotations.file_name(k)}': {message}")
+        raise DatasetError(f"Dataset '{dataset_name}', image '{annotations.file_name(k)}': {message}")
 
     categories = annotations.categories
     if len(categories) == 0:
         return
     k, count = _first(categories < 0)
     if k is not None:
-        raise ValueError(
+        raise DatasetError(
             f"Dataset '{dataset_name}', image '{annotations.file_name(k)}': category id "
             f"{categories[k]} is negative ({count} such annotations). Category ids must be "
             "contiguous in [0, NUM_CLASSES): map the dataset's ids when loading it, as "
@@ -152,8 +162,41 @@ def check_dataset_dicts(dataset_dicts: List[Dict], dataset_name: str, num_classe
         )
     k = int(categories.argmax())
     if categories[k] >= num_classes:
-        raise ValueError(
+        raise DatasetError(
             f"NUM_CLASSES is {num_classes} but dataset '{dataset_name}' has category id "
             f"{categories[k]} (image '{annotations.file_name(k)}'); set MODEL.DETR.NUM_CLASSES "
             f"(or MODEL.DEFORMABLE_DETR.NUM_CLASSES) to at least {categories[k] + 1}."
         )
+
+
+def check_num_classes(num_classes: int, dataset_name: str) -> None:
+    """Refuse a model whose class count differs from the dataset's (its `thing_classes`, known once
+    the dataset is loaded): Detectron2's evaluators would fail only after training."""
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
+    if classes is not None and len(classes) != num_classes:
+        raise DatasetError(
+            f"NUM_CLASSES is {num_classes} but dataset '{dataset_name}' has {len(classes)} categories; set "
+            f"MODEL.DETR.NUM_CLASSES (or MODEL.DEFORMABLE_DETR.NUM_CLASSES) to {len(classes)}.")
+
+
+def check_evaluator_type(dataset_name: str, known) -> None:
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type not in known:
+        raise DatasetError(
+            f"Dataset '{dataset_name}' has evaluator_type {evaluator_type!r}; AQDETRTrainer evaluates "
+            f"{sorted(known)} datasets. Register COCO-format data with register_coco_instances (it sets "
+            f"'coco'), or set MetadataCatalog.get('{dataset_name}').evaluator_type.")
+
+
+def check_images_readable(dataset_dicts: List[Dict], dataset_name: str, limit: int) -> None:
+    """Decode every image of a dataset of at most `limit` images (0: never), so that a truncated or
+    unreadable file is named before training instead of crashing it hours in."""
+    if not 0 < len(dataset_dicts) <= limit:
+        return
+    for record in dataset_dicts:
+        try:
+            with Image.open(record["file_name"]) as image:
+                image.load()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"Dataset '{dataset_name}': image '{record['file_name']}' cannot be read ({e}). "
+                             "Replace or remove it.") from None

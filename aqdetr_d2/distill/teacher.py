@@ -63,7 +63,9 @@ def build_teacher(cfg) -> nn.Module:
     if not os.path.isfile(tcfg.MODEL.WEIGHTS):
         raise FileNotFoundError(f"MODEL.DISTILL.TEACHER_WEIGHTS '{tcfg.MODEL.WEIGHTS}' does not exist")
     teacher = build_model(tcfg)
-    AQDETRCheckpointer(teacher, require_complete=True).load(tcfg.MODEL.WEIGHTS, checkpointables=[])
+    role = (f"teacher checkpoint (MODEL.DISTILL.TEACHER_WEIGHTS, built with MODEL.DISTILL.TEACHER_CONFIG "
+            f"{cfg.MODEL.DISTILL.TEACHER_CONFIG})")
+    AQDETRCheckpointer(teacher, require_complete=True, role=role).load(tcfg.MODEL.WEIGHTS, checkpointables=[])
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -13,7 +13,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AQDETRCheckpointer
-from ..data import DetrDatasetMapper, check_dataset_dicts
+from ..data import (DetrDatasetMapper, check_dataset_dicts, check_evaluator_type, check_images_readable,
+                    check_num_classes)
 from ..data.stream import SAMPLERS, ResumableTrainLoader
 from ..distill import build_distiller
 from .calibration import initialize_quantizers
@@ -125,9 +126,12 @@ class AQDETRTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """Detectron2's training data (datasets, sampler, aspect-ratio grouping) as a stream whose
         position is checkpointed (`ResumableTrainLoader`)."""
-        if cfg.DATASETS.CHECK_ANNOTATIONS:
-            for name in cfg.DATASETS.TRAIN:
-                check_dataset_dicts(DatasetCatalog.get(name), name, num_classes_of(cfg))
+        for name in cfg.DATASETS.TRAIN:
+            dicts = DatasetCatalog.get(name)
+            if cfg.DATASETS.CHECK_ANNOTATIONS:
+                check_dataset_dicts(dicts, name, num_classes_of(cfg))
+            check_num_classes(num_classes_of(cfg), name)
+            check_images_readable(dicts, name, cfg.DATASETS.CHECK_IMAGES)
         if cfg.DATALOADER.SAMPLER_TRAIN not in SAMPLERS:
             raise ValueError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported by "
                              f"AQDETRTrainer's resumable loader; use one of {sorted(SAMPLERS)}")
@@ -148,11 +152,17 @@ class AQDETRTrainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
 
     @classmethod
+    def check_test_datasets(cls, cfg):
+        """Before any training: every test dataset can be evaluated and has the model's classes."""
+        for name in cfg.DATASETS.TEST:
+            check_evaluator_type(name, EVALUATORS)
+            DatasetCatalog.get(name)  # loading sets its thing_classes
+            check_num_classes(num_classes_of(cfg), name)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        if evaluator_type not in EVALUATORS:
-            raise ValueError(f"Dataset '{dataset_name}' has evaluator_type '{evaluator_type}'; "
-                             f"AQDETRTrainer evaluates {sorted(EVALUATORS)} datasets")
+        check_evaluator_type(dataset_name, EVALUATORS)
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
         return EVALUATORS[evaluator_type](dataset_name, cfg, output_folder)

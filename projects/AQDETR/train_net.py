@@ -15,8 +15,14 @@ from detectron2.utils.logger import setup_logger
 
 from aqdetr_d2 import add_aqdetr_config
 from aqdetr_d2.config import merge_config
-from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer, initialize_quantizers
+from aqdetr_d2.checkpoint import UnsafeCheckpointError
+from aqdetr_d2.data import DatasetError
+from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer, CheckpointMismatchError, initialize_quantizers
 from aqdetr_d2.utils.numerics import NUMERICS_TAG, numerics_summary
+
+
+# MODEL.WEIGHTS value that asks --eval-only for the random initialisation explicitly.
+SCRATCH = "scratch"
 
 
 def setup(args):
@@ -37,11 +43,24 @@ def setup(args):
 
 
 def main(args):
+    try:
+        return run(args)
+    except (CheckpointMismatchError, UnsafeCheckpointError, DatasetError) as e:
+        # The user's file, not the code: the message names it and the fix; a traceback would bury it.
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args):
     cfg = setup(args)
+    AQDETRTrainer.check_test_datasets(cfg)
     if args.eval_only:
         model = AQDETRTrainer.build_model(cfg)
         checkpointer = AQDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR, use_ema=cfg.MODEL_EMA.ENABLED)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+            raise SystemExit("error: --eval-only needs MODEL.WEIGHTS, the checkpoint to evaluate (to evaluate the "
+                             f"random initialisation on purpose, set MODEL.WEIGHTS {SCRATCH})")
+        weights = "" if cfg.MODEL.WEIGHTS == SCRATCH else cfg.MODEL.WEIGHTS
+        checkpointer.resume_or_load(weights, resume=args.resume)
         initialize_quantizers(cfg, model)
         results = AQDETRTrainer.test(cfg, model)
         verify_results(cfg, results)
