@@ -42,7 +42,12 @@ class EncoderQuerySelection(nn.Module):
         output = self.enc_output_norm(self.enc_output(memory.transpose(0, 1).masked_fill(~valid, 0.0)))
         logits = class_head(output)
         boxes_unact = box_head(output) + proposals
-        topk = torch.topk(logits[..., 0], num_queries, dim=1)[1]
+        # Padding and border positions have no proposal box (+inf logits, i.e. a box of 1s that
+        # refinement cannot move): never select them while valid positions are left. Unmasked,
+        # they took 4-17 % of the object queries and 40-67 % of 90 auxiliary queries in padded
+        # shapes batches.
+        scores = logits[..., 0].masked_fill(~valid[..., 0], float("-inf"))
+        topk = torch.topk(scores, num_queries, dim=1)[1]
         selected = torch.gather(boxes_unact, 1, topk[..., None].expand(-1, -1, 4))
         content = torch.gather(output, 1, topk[..., None].expand(-1, -1, output.shape[-1]))
         return {"enc_logits": logits, "enc_boxes": boxes_unact.sigmoid(),

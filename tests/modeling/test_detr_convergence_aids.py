@@ -8,6 +8,7 @@ from detectron2.modeling import build_model
 
 from aqdetr_d2.layers.box_ops import inverse_sigmoid
 from aqdetr_d2.layers.proposals import box_sine_embed, cell_centers, encoder_proposals, gaussian_attention_prior
+from aqdetr_d2.modeling.query_selection import EncoderQuerySelection
 from aqdetr_d2.quant import QuantLinear
 from detection_targets import training_batch
 
@@ -142,8 +143,11 @@ def test_two_stage_queries_are_the_best_scored_proposals(make_cfg):
         sel = model.query_selection
         features = sel.enc_output_norm(sel.enc_output(tr["memory"].transpose(0, 1).masked_fill(~valid, 0.0)))
     enc = out["enc_outputs"]
+    assert not valid.all()  # padding and borders: positions without a proposal box
     for b in range(2):
-        order = sorted(range(enc["pred_logits"].shape[1]), key=lambda i: -float(enc["pred_logits"][b, i, 0]))
+        # The best-scored positions that have a proposal box: an invalid one (box of 1s) never wins.
+        candidates = [i for i in range(enc["pred_logits"].shape[1]) if valid[b, i, 0]]
+        order = sorted(candidates, key=lambda i: -float(enc["pred_logits"][b, i, 0]))
         best = order[:NUM_QUERIES]
         torch.testing.assert_close(tr["dec_references"][0][b], enc["pred_boxes"][b, best])
         torch.testing.assert_close(tr["tgt"][:, b], features[b, best])
@@ -216,3 +220,20 @@ def test_spatial_prior_draws_cross_attention_to_the_anchor(make_cfg):
     mass = (tr["dec_cross_attn"][0].mean(1) * inside).sum(-1).mean()
     mass_plain = (tr_plain["dec_cross_attn"][0].mean(1) * inside).sum(-1).mean()
     assert mass > mass_plain + 0.05, (mass, mass_plain)
+
+
+def test_positions_without_a_proposal_box_are_never_selected():
+    """Even when their (constant) features score best: padding and border positions have no box."""
+    torch.manual_seed(0)
+    selection = EncoderQuerySelection(16)
+    padding = torch.zeros(1, 6, 6, dtype=torch.bool)
+    padding[:, :, 4:] = True  # two padded columns
+    memory = torch.randn(36, 1, 16)
+    with torch.no_grad():
+        invalid_features = selection.enc_output_norm(selection.enc_output(torch.zeros(16)))
+    # Scores peak at the features every invalid position gets (its memory is zeroed).
+    class_head = lambda x: -((x - invalid_features) ** 2).sum(-1, keepdim=True)  # noqa: E731
+    out = selection(memory, padding.flatten(1), (6, 6), class_head, lambda x: torch.zeros(*x.shape[:-1], 4), 10)
+    _, valid = encoder_proposals(padding.flatten(1), [(6, 6)])
+    assert valid.sum() >= 10
+    assert (out["reference_boxes"] < 1).all(), "an invalid position (box of 1s) was selected"
