@@ -3,6 +3,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from .safe_load import load_pickle_weights, load_torch_weights
+from ..quant.quantizers import BitWidthMismatchError
 from ..quant.export import check_export_fits, check_requantization, exported_state_dict, is_export
 
 
@@ -97,7 +98,12 @@ class AQDETRCheckpointer(DetectionCheckpointer):
     def _load_checked(self, checkpoint):
         ckpt_keys = list(checkpoint["model"])
         # Detectron2's own loader renames pickled Caffe2/ImageNet weights first; check after it.
-        incompatible = super()._load_model(checkpoint)
+        try:
+            incompatible = super()._load_model(checkpoint)
+        except BitWidthMismatchError as e:
+            raise CheckpointMismatchError(
+                f"{self.role} {self._filename}: its quantizers have other bit widths than the config's ({e}); "
+                "set MODEL.QUANT.WEIGHT_BITS / ACT_BITS / ATTN_BITS to those it was trained with") from None
         model_keys = list(self.model.state_dict())
         if incompatible.incorrect_shapes:
             lines = [f"  {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]

@@ -225,7 +225,8 @@ def _check_format(exported: Dict):
 
 
 def _weight_quantizer_state(entry: Dict, prefix: str) -> Dict[str, torch.Tensor]:
-    state = {prefix + "scale": entry["scale"].clone(), prefix + "initialized": torch.ones((), dtype=torch.uint8)}
+    state = {prefix + "scale": entry["scale"].clone(), prefix + "initialized": torch.ones((), dtype=torch.uint8),
+             prefix + "bit_width": torch.tensor(entry["bits"], dtype=torch.uint8)}
     if entry["quantizer"] == "minmax":
         state[prefix + "zero_point"] = entry["zero_point"].to(torch.int32)
     elif entry["zero_point"].any():

@@ -48,6 +48,10 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class BitWidthMismatchError(ValueError):
+    """A checkpoint's quantizer was trained at another bit width than the model's."""
+
+
 class QuantizerBase(nn.Module):
     """
     Range, granularity and data-driven initialisation shared by all quantizers.
@@ -87,6 +91,8 @@ class QuantizerBase(nn.Module):
         self._ready = False
         if self.enabled:
             self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+            # Saved so that a checkpoint's step sizes are never used with another bit width.
+            self.register_buffer("bit_width", torch.tensor(bits, dtype=torch.uint8))
 
     @property
     def enabled(self) -> bool:
@@ -203,6 +209,12 @@ class QuantizerBase(nn.Module):
         raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.enabled:
+            # Checkpoints and exports from before the bit width was saved load as they did.
+            saved_bits = int(state_dict.setdefault(prefix + "bit_width", self.bit_width))
+            if saved_bits != self.bits:
+                raise BitWidthMismatchError(f"{prefix.rstrip('.')} is {saved_bits}-bit in the checkpoint and "
+                                            f"{self.bits}-bit in the config")
         # A lazily sized quantizer takes its channel count from the checkpoint.
         for name in self._qparam_names() if self.enabled else ():
             saved = state_dict.get(prefix + name)

@@ -84,3 +84,11 @@ def test_a_checkpoint_of_another_architecture_is_refused(make_cfg, tmp_path):
     torch.save({"model": {k: v for k, v in _tiny_model(make_cfg).state_dict().items() if k.startswith("backbone.")}},
                backbone)
     AQDETRCheckpointer(_tiny_model(make_cfg)).load(str(backbone))
+
+
+def test_a_qat_checkpoint_of_other_bit_widths_is_refused(train_net, tmp_path):
+    quant = ["MODEL.QUANT.ENABLED", "True", "MODEL.QUANT.CALIB_BATCHES", "1"]
+    _run(train_net, "detr_fp32.yaml", tmp_path / "w4", "SOLVER.MAX_ITER", "1", *quant)
+    with pytest.raises(SystemExit, match=r"other bit widths than the config's \(.*is 4-bit in the checkpoint and 2-bit"):
+        _run(train_net, "detr_fp32.yaml", tmp_path / "eval", *quant, "MODEL.QUANT.WEIGHT_BITS", "2",
+             "MODEL.WEIGHTS", str(tmp_path / "w4" / "model_final.pth"), flags=["--eval-only"])
