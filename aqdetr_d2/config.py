@@ -6,6 +6,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .data.config import add_detr_input_config
+from .data.custom import register_config_datasets
 
 
 def _add_common_detr_keys(node: CN, num_queries: int, hidden_dim: int, dim_feedforward: int):
@@ -110,6 +111,12 @@ def add_aqdetr_config(cfg: CN) -> None:
     add_detr_input_config(cfg)
     cfg.DATASETS.CHECK_ANNOTATIONS = True  # validate boxes / class ids before training starts
     cfg.DATASETS.CHECK_IMAGES = 5000  # decode every training image at start if the dataset has at most this many
+    # Your own COCO-format data: [[name, json_file, image_root], ...], registered with Detectron2's
+    # register_coco_instances when the config is read; then name them in DATASETS.TRAIN / TEST.
+    cfg.DATASETS.COCO_INSTANCES = []
+    # Fine-tune a checkpoint to another NUM_CLASSES: class-head tensors whose shape differs keep their
+    # initialisation (logged); every other mismatch is still refused.
+    cfg.MODEL.REINIT_CLASS_HEADS = False
 
 
 def _close_keys(cfg: CN, key: str):
@@ -154,4 +161,5 @@ def merge_config(cfg: CN, config_file: str = None, opts=()) -> CN:
         raise KeyError(f"Unknown config key '{key}'"
                        + (f"; did you mean {' or '.join(hint)}?" if hint else "")
                        + " Valid keys are defined in detectron2/config/defaults.py and aqdetr_d2/config.py.") from e
+    register_config_datasets(cfg)
     return cfg

@@ -1,4 +1,6 @@
 """DetectionCheckpointer that refuses checkpoints which do not fit the model."""
+import re
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
@@ -14,6 +16,7 @@ class CheckpointMismatchError(RuntimeError):
 # Where `_load_file` hands an export file to `_load_model`.
 _EXPORT_KEY = "__aqdetr_export__"
 # Quantizer state is initialised from data when absent, so a float checkpoint may lack it.
+_CLASS_HEAD = re.compile(r"class_embed(\.\d+)?\.(weight|bias)$")
 # Names only a transformer detector's checkpoint holds (never an ImageNet backbone's).
 _DETECTOR_KEY_PARTS = ("transformer.", "class_embed", "bbox_embed", "query_embed", "input_proj")
 _OPTIONAL_KEY_PARTS = ("_quant.", "quantizer", "aux_query_embed", "aux_anchor_embed")  # aux queries: training-only, may be absent
@@ -38,12 +41,14 @@ class AQDETRCheckpointer(DetectionCheckpointer):
     """
 
     def __init__(self, model, save_dir="", *, require_complete: bool = False, use_ema: bool = False,
-                 role: str = "checkpoint", **checkpointables):
+                 role: str = "checkpoint", reinit_class_heads: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.require_complete = require_complete
         self.use_ema = use_ema
         self.role = role  # how errors name the file, e.g. "teacher checkpoint (MODEL.DISTILL.TEACHER_WEIGHTS)"
         self._filename = ""
+        # MODEL.REINIT_CLASS_HEADS: class heads of another class count keep their initialisation.
+        self.reinit_class_heads = reinit_class_heads
 
     def load(self, path, *args, **kwargs):
         self._filename = path
@@ -105,19 +110,26 @@ class AQDETRCheckpointer(DetectionCheckpointer):
                 f"{self.role} {self._filename}: its quantizers have other bit widths than the config's ({e}); "
                 "set MODEL.QUANT.WEIGHT_BITS / ACT_BITS / ATTN_BITS to those it was trained with") from None
         model_keys = list(self.model.state_dict())
-        if incompatible.incorrect_shapes:
-            lines = [f"  {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
+        reinit = {k for k, _, _ in incompatible.incorrect_shapes if self.reinit_class_heads and _CLASS_HEAD.search(k)}
+        if reinit:
+            self.logger.info("MODEL.REINIT_CLASS_HEADS: %d class-head tensors of another class count keep their "
+                             "initialisation: %s", len(reinit), sorted(reinit))
+        wrong_shapes = [(k, a, b) for k, a, b in incompatible.incorrect_shapes if k not in reinit]
+        if wrong_shapes:
+            lines = [f"  {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in wrong_shapes]
             raise CheckpointMismatchError(
                 f"{self.role} {self._filename}: tensors do not fit the model (check MODEL.* sizes such as "
                 "NUM_CLASSES, HIDDEN_DIM, NUM_OBJECT_QUERIES and the backbone options against the config that "
-                "trained it):\n" + "\n".join(lines[:30]))
+                "trained it; to fine-tune to another NUM_CLASSES set MODEL.REINIT_CLASS_HEADS True):\n"
+                + "\n".join(lines[:30]))
         unset = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
         loaded = [k for k in model_keys if k not in unset]
         # A detector checkpoint, whether or not its detector tensors found a home in this model: one
         # made for another architecture matches only the backbone, yet is no ImageNet backbone.
         unused = [k for k in incompatible.unexpected_keys if any(p in k for p in _DETECTOR_KEY_PARTS)]
         whole_detector = any(not k.startswith("backbone.") for k in loaded) or bool(unused)
-        missing = [k for k in incompatible.missing_keys if not any(p in k for p in _OPTIONAL_KEY_PARTS)]
+        missing = [k for k in incompatible.missing_keys
+                   if k not in reinit and not any(p in k for p in _OPTIONAL_KEY_PARTS)]
         if (whole_detector or self.require_complete) and missing:
             extra = f" and holds {len(unused)} tensors the model has no place for, e.g. {unused[:3]}" if unused else ""
             raise CheckpointMismatchError(

@@ -9,7 +9,8 @@ from .shapes import (
     register_shapes,
     write_shapes_split,
 )
-from .validation import DatasetError, check_dataset_dicts, check_evaluator_type, check_images_readable, check_num_classes
+from .validation import (DatasetError, check_dataset_dicts, check_evaluator_type, check_images_readable,
+                         check_num_classes, load_dataset)
 
 __all__ = [
     "add_detr_input_config",
@@ -26,6 +27,7 @@ __all__ = [
     "check_evaluator_type",
     "check_images_readable",
     "check_num_classes",
+    "load_dataset",
 ]
 
 # Registers "shapes_train", "shapes_val" and "shapes_holdout"; nothing is generated until they are loaded.

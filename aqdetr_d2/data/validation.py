@@ -2,15 +2,16 @@
 Checks of training dataset dicts. They turn problems that DETR reports late or not at all
 (NaN losses, index errors inside the criterion) into one clear error before training.
 """
+import json
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-__all__ = ["DatasetError", "check_dataset_dicts", "check_evaluator_type", "check_images_readable", "check_num_classes"]
+__all__ = ["DatasetError", "load_dataset", "check_dataset_dicts", "check_evaluator_type", "check_images_readable", "check_num_classes"]
 
 
 
@@ -151,7 +152,9 @@ def check_dataset_dicts(dataset_dicts: List[Dict], dataset_name: str, num_classe
 
     categories = annotations.categories
     if len(categories) == 0:
-        return
+        raise DatasetError(
+            f"Dataset '{dataset_name}' has {len(dataset_dicts)} images but no box annotations: there is nothing "
+            "to learn. Check the json file's 'annotations' (crowd boxes are ignored).")
     k, count = _first(categories < 0)
     if k is not None:
         raise DatasetError(
@@ -200,3 +203,13 @@ def check_images_readable(dataset_dicts: List[Dict], dataset_name: str, limit: i
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"Dataset '{dataset_name}': image '{record['file_name']}' cannot be read ({e}). "
                              "Replace or remove it.") from None
+
+
+def load_dataset(name: str) -> List[Dict]:
+    """`DatasetCatalog.get(name)`, with the user's mistakes (an unregistered name, a json file that is
+    missing or names unknown category ids) as one DatasetError."""
+    try:
+        return DatasetCatalog.get(name)
+    except (KeyError, FileNotFoundError, json.JSONDecodeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise DatasetError(f"Dataset '{name}' cannot be loaded: {message}") from None

@@ -6,7 +6,7 @@ import weakref
 
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
@@ -14,7 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AQDETRCheckpointer
 from ..data import (DetrDatasetMapper, check_dataset_dicts, check_evaluator_type, check_images_readable,
-                    check_num_classes)
+                    check_num_classes, load_dataset)
 from ..data.stream import SAMPLERS, ResumableTrainLoader
 from ..distill import build_distiller
 from .calibration import initialize_quantizers
@@ -81,7 +81,8 @@ class AQDETRTrainer(DefaultTrainer):
         extra = {"train_data": data_loader}
         if self.model_ema is not None:
             extra["model_ema"] = self.model_ema
-        self.checkpointer = AQDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.checkpointer = AQDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                               reinit_class_heads=cfg.MODEL.REINIT_CLASS_HEADS, **extra)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -127,7 +128,7 @@ class AQDETRTrainer(DefaultTrainer):
         """Detectron2's training data (datasets, sampler, aspect-ratio grouping) as a stream whose
         position is checkpointed (`ResumableTrainLoader`)."""
         for name in cfg.DATASETS.TRAIN:
-            dicts = DatasetCatalog.get(name)
+            dicts = load_dataset(name)
             if cfg.DATASETS.CHECK_ANNOTATIONS:
                 check_dataset_dicts(dicts, name, num_classes_of(cfg))
             check_num_classes(num_classes_of(cfg), name)
@@ -156,7 +157,7 @@ class AQDETRTrainer(DefaultTrainer):
         """Before any training: every test dataset can be evaluated and has the model's classes."""
         for name in cfg.DATASETS.TEST:
             check_evaluator_type(name, EVALUATORS)
-            DatasetCatalog.get(name)  # loading sets its thing_classes
+            load_dataset(name)  # loading sets its thing_classes
             check_num_classes(num_classes_of(cfg), name)
 
     @classmethod
