@@ -1,14 +1,22 @@
 #!/usr/bin/env python
 """Convert an official DETR / Deformable-DETR checkpoint for use as MODEL.WEIGHTS.
 
-    python tools/convert_official_checkpoint.py --arch detr detr-r50-e632da11.pth detr_r50_d2.pth
+    python tools/convert_official_checkpoint.py --arch detr detr-r50-e632da11.pth
+    python tools/convert_official_checkpoint.py --arch deformable_detr r50_deformable_detr-checkpoint.pth
+
+The output defaults to the path the COCO configs read (`DEFAULT_OUTPUTS`).
 """
+import os
 import argparse
 
 import torch
 
 from aqdetr_d2.checkpoint import UnsafeCheckpointError, convert_official_state_dict, load_torch_weights
 from aqdetr_d2.checkpoint.official import ARCHS
+
+# --arch -> where configs/coco/ read the converted full-precision model (MODEL.WEIGHTS, TEACHER_WEIGHTS).
+DEFAULT_OUTPUTS = {"detr": "checkpoints/detr_r50_coco_d2.pth",
+                   "deformable_detr": "checkpoints/deformable_detr_r50_coco_d2.pth"}
 
 
 def main():
@@ -17,8 +25,9 @@ def main():
     parser.add_argument("--coco-to-contiguous", default="auto", choices=("auto", "yes", "no"),
                         help="reduce COCO's 91 sparse class ids to Detectron2's 80 contiguous ones")
     parser.add_argument("input", help="official checkpoint (.pth with a 'model' entry)")
-    parser.add_argument("output", help="converted checkpoint (.pth)")
+    parser.add_argument("output", nargs="?", help="converted checkpoint (.pth); default: where configs/coco/ expect it")
     args = parser.parse_args()
+    output = args.output or DEFAULT_OUTPUTS[args.arch]
 
     try:
         checkpoint = load_torch_weights(args.input, "official checkpoint")
@@ -26,8 +35,9 @@ def main():
         converted = convert_official_state_dict(state, args.arch, args.coco_to_contiguous)
     except (UnsafeCheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    torch.save({"model": converted, "__author__": f"converted from official {args.arch}"}, args.output)
-    print(f"wrote {len(converted)} tensors to {args.output}")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    torch.save({"model": converted, "__author__": f"converted from official {args.arch}"}, output)
+    print(f"wrote {len(converted)} tensors to {output}")
 
 
 if __name__ == "__main__":

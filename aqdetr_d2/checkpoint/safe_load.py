@@ -54,6 +54,8 @@ def load_torch_weights(path: str, what: str = "checkpoint") -> dict:
     """A `.pth` `what` read with weights_only=True; one clear line instead of torch's traceback."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UnsafeCheckpointError(f"{what} {path} does not exist") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeCheckpointError(

@@ -1,5 +1,6 @@
 """tools/convert_official_checkpoint.py's conversion of Deformable-DETR checkpoints: COCO's class
 remap commutes with the model (two-stage proposals included), and a wrong --arch is refused."""
+import os
 import re
 
 import pytest
@@ -75,3 +76,25 @@ def test_a_wrong_arch_is_refused(make_cfg):
     detr_like = {k: v for k, v in official.items() if "sampling_offsets" not in k}
     with pytest.raises(ValueError, match="convert it with --arch detr"):
         convert_official_state_dict(detr_like, "deformable_detr")
+
+
+def test_the_tool_writes_where_the_coco_configs_read(make_cfg, project_root, tmp_path):
+    import subprocess
+    import sys
+
+    official = tmp_path / "official.pth"
+    torch.save({"model": _as_official(_model(make_cfg, 91, "plain").state_dict())}, official)
+    tool = os.path.join(project_root, "tools", "convert_official_checkpoint.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, tool, "--arch", "deformable_detr", str(official)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    converted = torch.load(tmp_path / "checkpoints" / "deformable_detr_r50_coco_d2.pth", weights_only=True)["model"]
+    assert converted["detector.class_embed.0.weight"].shape[0] == 80
+    # The wrong --arch, and a truncated file: one line each, no traceback.
+    for args in (["--arch", "detr", str(official)], ["--arch", "detr", str(tmp_path / "cut.pth")]):
+        (tmp_path / "cut.pth").write_bytes(official.read_bytes()[:3000])
+        done = subprocess.run([sys.executable, tool, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: ")
