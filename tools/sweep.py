@@ -13,6 +13,11 @@ config key with a list of values, or a name with a list of option dicts that go 
 replacement from the product of its knobs (all of them when the product is smaller), in an
 order fixed by `--draw-seed`: the same budget for every variant.
 
+Two stages keep the control honest: `--control fp` first picks the shared knobs (the schedule)
+as the point where the `--variants` (e.g. LSQ) do best on holdout among those where the teacher
+fine-tuned unquantized on it stays within `--control-tolerance` AP of the teacher; then
+`--schedule-from` that sweep.json tunes only the methods' own knobs, on that schedule.
+
 Each trial fine-tunes from the teacher (tools/quickstart.py's options) and is evaluated on
 shapes_holdout; shapes_val is never read. The tool writes `sweep.json` (every trial with its
 holdout metrics, and the pick: the best holdout AP per variant) and `sweep.md` to `--output`.
@@ -112,6 +117,41 @@ def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) ->
             "holdout": metrics, "train_minutes": minutes, "output_dir": run_dir}
 
 
+def teacher_holdout_ap(args, teacher: str) -> float:
+    """The teacher's own AP on shapes_holdout, the level the control must hold."""
+    eval_dir = os.path.join(args.output, "teacher_holdout")
+    config, opts = teacher + ".yaml", ["--eval-only", "MODEL.WEIGHTS", teacher + ".pth", *HOLDOUT]
+    metrics = logged_evaluation(config, eval_dir, opts, eval_dir + ".log") if args.resume else None
+    if metrics is None:
+        train_net(config, eval_dir, opts, eval_dir + ".log")
+        metrics = evaluated_metrics(eval_dir + ".log")
+    stage(f"teacher: holdout AP {metrics['AP']:.1f}")
+    return metrics["AP"]
+
+
+def pick_schedule(args, space: dict, student_cfg: str, common: list, teacher: str):
+    """Stage one: the shared knobs (the schedule). Each drawn point fine-tunes the control (the
+    teacher unquantized) and `--variants`; the pick is the point whose variants score best on
+    holdout among those whose control stays within `--control-tolerance` AP of the teacher."""
+    teacher_ap = teacher_holdout_ap(args, teacher)
+    trials, points = [], []
+    for opts in draw_trials({"shared": space.get("shared", {})}, "shared", args.budget, args.draw_seed):
+        control = run_trial(args, student_cfg, common, args.control, opts)
+        runs = [run_trial(args, student_cfg, common, v, opts) for v in args.variants]
+        trials += [control, *runs]
+        shift = control["holdout"]["AP"] - teacher_ap
+        points.append({"opts": opts, "control_shift": shift, "holds": abs(shift) <= args.control_tolerance,
+                       "variants_AP": sum(r["holdout"]["AP"] for r in runs) / len(runs)})
+    holding = [p for p in points if p["holds"]]
+    best = max(holding, key=lambda p: p["variants_AP"]) if holding else None
+    picked = {"schedule": best, "teacher_holdout_AP": teacher_ap, "points": points}
+    if best is None:
+        stage(f"no drawn schedule keeps {args.control} within {args.control_tolerance} AP of the teacher")
+    else:
+        stage(f"schedule: {' '.join(best['opts'])} ({args.control} {best['control_shift']:+.2f} AP)")
+    return trials, picked
+
+
 def pick_alpha(args, student_cfg: str, trial: dict) -> dict:
     """Holdout AP of the pick interpolated with its calibrated start at each of `--alphas`."""
     run_dir, scores = trial["output_dir"], {}
@@ -161,6 +201,17 @@ def picked_config(args, student_cfg: str, trial: dict, sweep_path: str) -> str:
     return header + yaml.safe_dump({"_BASE_": base, **tree}, sort_keys=False)
 
 
+def schedule_of(sweep_json):
+    """The KEY VALUE options of the schedule a --control sweep picked ([] without one)."""
+    if not sweep_json:
+        return []
+    with open(sweep_json) as f:
+        schedule = json.load(f)["picked"].get("schedule")
+    if schedule is None:
+        raise SystemExit(f"{sweep_json} picked no schedule: none of its points held the control")
+    return schedule["opts"]
+
+
 def write_outputs(args, trials, picked):
     path = os.path.join(args.output, "sweep.json")
     with open(path, "w") as f:
@@ -168,12 +219,19 @@ def write_outputs(args, trials, picked):
     lines = [f"Command: `python tools/sweep.py {' '.join(sys.argv[1:])}`", "",
              "| variant | trial | options | holdout AP | AP50 | AP75 | picked |", "|---|---|---|---|---|---|---|"]
     for t in trials:
-        mark = "yes" if picked.get(t["variant"], {}).get("trial") == t["trial"] else ""
+        mark = "yes" if (picked.get(t["variant"]) or {}).get("trial") == t["trial"] else ""
         lines.append(f"| {t['variant']} | {t['trial']} | `{' '.join(t['opts'])}` | {t['holdout']['AP']:.1f} | "
                      f"{t['holdout']['AP50']:.1f} | {t['holdout']['AP75']:.1f} | {mark} |")
     for variant, p in picked.items():
-        if "alpha" in p:
-            lines.append(f"\n{variant}: interpolation alpha {p['alpha']:g} (holdout AP by alpha: {p['holdout_AP']})")
+        interpolation = p.get("interpolation") if isinstance(p, dict) else None
+        if interpolation:
+            lines.append(f"\n{variant}: interpolation alpha {interpolation['alpha']:g} (holdout AP by alpha: "
+                         f"{interpolation['holdout_AP']})")
+    if "points" in picked:
+        lines += ["", f"Teacher on holdout: {picked['teacher_holdout_AP']:.1f} AP.", "",
+                  "| schedule | control shift (AP) | holds | variants' holdout AP |", "|---|---|---|---|"]
+        lines += [f"| `{' '.join(p['opts'])}` | {p['control_shift']:+.2f} | {'yes' if p['holds'] else 'no'} | "
+                  f"{p['variants_AP']:.1f} |" for p in picked["points"]]
     with open(os.path.join(args.output, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
@@ -192,6 +250,12 @@ def main(argv=None):
     parser.add_argument("--alphas", type=float, nargs="*", default=[],
                         help="also pick an interpolation alpha for each variant's pick")
     parser.add_argument("--write-configs", metavar="DIR", help="write each pick as a config into DIR")
+    parser.add_argument("--control", choices=list(VARIANTS),
+                        help="stage one: pick the shared knobs (the schedule) with this control variant (fp), "
+                             "which must stay within --control-tolerance of the teacher on holdout")
+    parser.add_argument("--control-tolerance", type=float, default=0.5, help="AP the control may move")
+    parser.add_argument("--schedule-from", metavar="SWEEP_JSON",
+                        help="stage two: every trial uses the schedule a --control sweep picked")
     parser.add_argument("--output", required=True)
     parser.add_argument("--resume", action="store_true", help="keep finished trials, resume unfinished ones")
     args = parser.parse_args(argv)
@@ -200,14 +264,20 @@ def main(argv=None):
     if any(not 0.0 <= a <= 1.0 for a in args.alphas):
         parser.error("--alphas must lie in [0, 1]")
     space = load_space(args.space)
+    if args.schedule_from:  # the schedule is fixed: only the methods' own knobs are drawn
+        space = {**space, "shared": {}}
 
     # Relative to the root, where every run starts: the picked configs name it so too.
     committed = os.path.join("docs", "quickstart", f"{args.arch}_teacher")
     if not os.path.exists(os.path.join(ROOT, committed + ".pth")):
         raise SystemExit(f"no committed teacher {committed}.pth; train one with tools/quickstart.py --train-teacher")
     student_cfg = ARCHS[args.arch]["student"].format(p=args.precision)
-    common = fine_tune_opts(committed + ".pth", committed + ".yaml", args.iters)
+    common = fine_tune_opts(committed + ".pth", committed + ".yaml", args.iters) + schedule_of(args.schedule_from)
     os.makedirs(args.output, exist_ok=True)
+    if args.control:
+        trials, picked = pick_schedule(args, space, student_cfg, common, committed)
+        write_outputs(args, trials, picked)
+        return
     trials, picked = [], {}
     for variant in args.variants:
         mine = [run_trial(args, student_cfg, common, variant, opts)

@@ -96,3 +96,44 @@ def test_draws_are_fixed_and_without_replacement(sweep):
     assert first == sweep.draw_trials(space, "lsq", 4, 0) and len({json.dumps(t) for t in first}) == 4
     assert len(sweep.draw_trials(space, "lsq", 100, 0)) == 6  # the whole product when it is smaller
     assert ["A", "2", "C", "2", "D", "3"] in sweep.draw_trials(space, "lsq", 100, 0)
+
+
+def test_the_schedule_is_the_best_for_the_students_among_those_the_control_holds(sweep, tmp_path, monkeypatch):
+    """fp stays within 0.5 AP of the teacher only at the two smaller learning rates; LSQ is best at
+    the largest: the pick is the best LSQ point among those that hold, and stage two uses it."""
+    space = tmp_path / "space.yaml"
+    space.write_text("shared:\n  SOLVER.BASE_LR: [1.0e-5, 2.0e-5, 5.0e-5]\n"
+                     "variants:\n  aux:\n    MODEL.AUX_QUERIES.LOSS_WEIGHT: [0.5, 1.0]\n")
+    calls = []
+
+    def fake_train_net(config, out, opts, log_path):
+        calls.append((out, opts))
+        lr = float(runs.last_value(opts, "SOLVER.BASE_LR", "0"))
+        if "--eval-only" in opts:  # the teacher on holdout
+            with open(log_path, "w") as log:
+                log.write(runs.log_header(runs.train_net_command(config, out, opts)))
+                log.write("copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: 60.0,90.0,70.0,60.0,60.0,nan\n")
+            return 1.0
+        quantized = runs.last_value(opts, "MODEL.QUANT.ENABLED", "") == "True"
+        ap = 40.0 + lr * 1e5 if quantized else 60.0 - (lr > 3e-5) * 2.0 + lr * 1e4
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "model_final.pth"), "wb").close()
+        iters = int(runs.last_value(opts, "SOLVER.MAX_ITER", "0"))
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
+        return 60.0
+
+    monkeypatch.setattr(sweep, "train_net", fake_train_net)
+    stage_one = tmp_path / "schedule"
+    sweep.main(["--space", str(space), "--variants", "lsq", "--control", "fp", "--budget", "3", "--iters", "20",
+                "--output", str(stage_one)])
+    picked = json.loads((stage_one / "sweep.json").read_text())["picked"]
+    assert picked["teacher_holdout_AP"] == 60.0
+    assert picked["schedule"]["opts"] == ["SOLVER.BASE_LR", "2e-05"]
+    assert [p["holds"] for p in sorted(picked["points"], key=lambda p: p["opts"][1])] == [True, True, False]
+    assert "| `SOLVER.BASE_LR 5e-05` | -1.50 | no |" in (stage_one / "sweep.md").read_text()
+
+    calls.clear()
+    sweep.main(["--space", str(space), "--variants", "aux", "--budget", "2", "--iters", "20",
+                "--schedule-from", str(stage_one / "sweep.json"), "--output", str(tmp_path / "methods")])
+    assert len(calls) == 2 and all(runs.last_value(o, "SOLVER.BASE_LR", "") == "2e-05" for _, o in calls)
