@@ -8,7 +8,14 @@ is the detector's own criterion (same Hungarian matcher) on expanded targets:
 - "hybrid": one group of auxiliary queries matched to each image's ground truth repeated K
   times, i.e. one-to-many supervision (K x T positives instead of T);
 - "group": K groups of NUM_QUERIES / K queries, each matched one-to-one to the original
-  ground truth, groups masked from each other; losses averaged over the groups.
+  ground truth, groups masked from each other; as in Group-DETR, every group's loss counts as
+  much as the object queries' (summed over groups), times LOSS_WEIGHT.
+
+Loss weights: H-DETR's one-to-many loss is the criterion on the K-times repeated targets,
+normalised by their K x T boxes, with lambda 1 ("hybrid" with LOSS_WEIGHT 1). Group-DETR weighs
+all its groups alike ("group" with LOSS_WEIGHT 1). Gradient clipping at a full-model norm of 0.1
+normalises every step on the shapes proxy, so only these weights' ratio to the detection loss
+matters, not their scale.
 
 At inference the auxiliary queries do not exist: no embedding is read, no mask is built, and
 predictions equal those of the same weights without them.
@@ -194,7 +201,7 @@ def aux_query_loss(criterion, aux_outputs: Mapping, targets: Targets, aux_querie
     Returns:
         `loss_ce_aux`, `loss_bbox_aux`, `loss_giou_aux` (last decoder layer) and
         `loss_*_{i}_aux` (decoder layer i), multiplied by `aux_queries.loss_weight`; in group
-        mode, averaged over the groups (each matched one-to-one to the original targets).
+        mode, summed over the groups (each matched one-to-one to the original targets).
     """
     groups = aux_queries.expand_targets(targets)
     size = aux_outputs["pred_logits"].shape[1] // len(groups)
@@ -203,6 +210,5 @@ def aux_query_loss(criterion, aux_outputs: Mapping, targets: Targets, aux_querie
         preds = _cut_predictions(aux_outputs, slice(g * size, (g + 1) * size))
         for k, v in criterion(preds, group_targets).items():
             total[k] = total[k] + v if k in total else v
-    scale = aux_queries.loss_weight / len(groups)
-    return _rename({k: v * scale for k, v in total.items()}, "_aux")
+    return _rename({k: v * aux_queries.loss_weight for k, v in total.items()}, "_aux")
 

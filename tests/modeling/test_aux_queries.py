@@ -174,7 +174,8 @@ def test_group_mode_matches_one_to_one_per_group():
         assert num_queries == NUM_AUX // K and sizes == [3, 2]
         for (src, tgt), n in zip(indices, sizes):
             assert sorted(tgt.tolist()) == list(range(n)) and len(set(src.tolist())) == n
-    # Average over groups of the criterion on each group's slice.
+    # Group-DETR: every group weighted like the object queries' group, i.e. the sum over groups
+    # of the criterion on each group's slice (times LOSS_WEIGHT, 1 here).
     size = NUM_AUX // K
     per_group = []
     for g in range(K):
@@ -183,7 +184,7 @@ def test_group_mode_matches_one_to_one_per_group():
                 "aux_outputs": [{k: v[:, cut] for k, v in a.items()} for a in outputs["aux_outputs"]]}
         per_group.append(criterion(part, targets))
     for k in per_group[0]:
-        torch.testing.assert_close(losses[f"{k}_aux"], sum(p[k] for p in per_group) / K)
+        torch.testing.assert_close(losses[f"{k}_aux"], sum(p[k] for p in per_group))
 
 
 # ---------------------------------------------------------------- the models
