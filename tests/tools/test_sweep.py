@@ -27,6 +27,16 @@ variants:
 """
 
 
+def _finished_run(out, opts, ap):
+    """What a finished fine-tune leaves for the sweep: its final model and its last evaluation."""
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "model_final.pth"), "wb").close()
+    iters = int(runs.last_value(opts, "SOLVER.MAX_ITER", "0"))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
+    return 60.0
+
+
 def _fake_runs(sweep, monkeypatch, calls):
     """train_net replaced: holdout AP grows with the learning rate and the aux weight."""
     def fake_train_net(config, out, opts, log_path):
@@ -34,12 +44,7 @@ def _fake_runs(sweep, monkeypatch, calls):
         assert "shapes_val" not in " ".join(opts)
         ap = 100 * float(runs.last_value(opts, "SOLVER.BASE_LR", "0")) * 1000 + float(
             runs.last_value(opts, "MODEL.AUX_QUERIES.LOSS_WEIGHT", "0"))
-        os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, "model_final.pth"), "wb").close()
-        iters = int(runs.last_value(opts, "SOLVER.MAX_ITER", "0"))
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
-        return 60.0
+        return _finished_run(out, opts, ap)
 
     monkeypatch.setattr(sweep, "train_net", fake_train_net)
 
@@ -116,12 +121,7 @@ def test_the_schedule_is_the_best_for_the_students_among_those_the_control_holds
             return 1.0
         quantized = runs.last_value(opts, "MODEL.QUANT.ENABLED", "") == "True"
         ap = 40.0 + lr * 1e5 if quantized else 60.0 - (lr > 3e-5) * 2.0 + lr * 1e4
-        os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, "model_final.pth"), "wb").close()
-        iters = int(runs.last_value(opts, "SOLVER.MAX_ITER", "0"))
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
-        return 60.0
+        return _finished_run(out, opts, ap)
 
     monkeypatch.setattr(sweep, "train_net", fake_train_net)
     stage_one = tmp_path / "schedule"
