@@ -122,6 +122,9 @@ def main():
     parser.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
                         help="also evaluate each fine-tune interpolated with the calibrated model it started from, "
                              "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows")
+    parser.add_argument("--configs", metavar="DIR",
+                        help="fine-tune each variant with the config tools/sweep.py picked for it in DIR "
+                             "(<arch>_<precision>_<variant>.yaml), where there is one")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
     args = parser.parse_args()
     if args.interpolate is not None:
@@ -189,20 +192,20 @@ def main():
     retrained = set()
     for key in args.variants:
         name, quantized = VARIANTS[key][:2]
-        opts = common + variant_opts(key)
+        config, opts, iters = variant_run(args, key, student_cfg, common)
         runs, interpolated = [], []
         for seed in args.seeds:
             done += 1
             run_dir = os.path.join(args.output, f"{key}_seed{seed}")
-            kept = args.resume and finished(run_dir, args.iters)
+            kept = args.resume and finished(run_dir, iters)
             if kept:
                 stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
                 minutes = previous_minutes(args.output, run_dir)
             else:
                 stage(f"{name}, seed {seed} (fine-tune {done} of {total}): "
-                      f"{args.iters} iterations of {bits if quantized else 'full precision'} from the teacher")
+                      f"{iters} iterations of {bits if quantized else 'full precision'} from the teacher")
                 resume = ["--resume"] if args.resume else []
-                minutes = train_net(student_cfg, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
+                minutes = train_net(config, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
                 retrained.add(run_dir)
             if not math.isnan(minutes):  # also back-fills runs whose time only results.json held
                 record_minutes(run_dir, minutes)
@@ -210,10 +213,10 @@ def main():
                          "numerics": run_numerics(run_dir)})
             stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")
             if args.interpolate is not None:
-                metrics = interpolated_metrics(student_cfg, run_dir, [*opts, "SEED", str(seed)], args.interpolate, kept)
+                metrics = interpolated_metrics(config, run_dir, [*opts, "SEED", str(seed)], args.interpolate, kept)
                 interpolated.append({**runs[-1], **metrics})
                 stage(f"{name}, seed {seed}, interpolated with its start: AP {metrics['AP']:.1f}")
-        size_mb, gops = size_and_ops(student_cfg, opts)
+        size_mb, gops = size_and_ops(config, opts)
         rows.append({"name": name, "key": key, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops,
                      "seeds": runs})
         if interpolated:
@@ -223,6 +226,20 @@ def main():
     if args.resume:
         rows = with_previous_rows(args, rows, retrained)
     write_results(args, rows)
+
+
+def variant_run(args, key: str, student_cfg: str, common):
+    """(config, train_net options, iterations) of variant `key`'s fine-tunes: the config that
+    tools/sweep.py picked for it in `--configs` when there is one (it holds the schedule and the
+    method's settings; only SEED, OUTPUT_DIR and --opts are added), else the student config with
+    the quickstart's schedule."""
+    from aqdetr_d2.config import load_config
+
+    picked = os.path.join(args.configs, f"{args.arch}_{args.precision}_{key}.yaml") if args.configs else None
+    if picked and os.path.exists(picked):
+        config = os.path.relpath(os.path.abspath(picked), ROOT)
+        return config, list(args.opts), load_config(os.path.join(ROOT, config), args.opts).SOLVER.MAX_ITER
+    return student_cfg, common + variant_opts(key), args.iters
 
 
 def interpolated_name(name: str, alpha: float) -> str:

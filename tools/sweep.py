@@ -182,8 +182,9 @@ def _config_value(text: str):
 
 
 def picked_config(args, student_cfg: str, trial: dict, sweep_path: str) -> str:
-    """YAML text of a config that reproduces `trial` (its student config plus every option but the
-    holdout evaluation, SEED and OUTPUT_DIR, which the caller chooses)."""
+    """YAML text of a config that reproduces `trial` on `student_cfg` (the trial's own student
+    config, or another precision's): every option but the holdout evaluation, SEED and
+    OUTPUT_DIR, which the caller chooses."""
     tree: dict = {}
     opts = trial["train_opts"]
     for key, value in zip(opts[::2], opts[1::2]):
@@ -194,8 +195,8 @@ def picked_config(args, student_cfg: str, trial: dict, sweep_path: str) -> str:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = _config_value(value)
-    header = (f"# {VARIANTS[trial['variant']][0]}, {PRECISIONS[args.precision]}: picked by tools/sweep.py on "
-              f"shapes_holdout\n# (trial {trial['trial']}, holdout AP {trial['holdout']['AP']:.1f}; "
+    header = (f"# {VARIANTS[trial['variant']][0]}: settings picked by tools/sweep.py on shapes_holdout at "
+              f"{PRECISIONS[args.precision]}\n# (trial {trial['trial']}, holdout AP {trial['holdout']['AP']:.1f}; "
               f"every trial in {os.path.relpath(sweep_path, ROOT)}).\n")
     base = os.path.relpath(os.path.join(ROOT, student_cfg), os.path.join(ROOT, args.write_configs))
     return header + yaml.safe_dump({"_BASE_": base, **tree}, sort_keys=False)
@@ -250,6 +251,8 @@ def main(argv=None):
     parser.add_argument("--alphas", type=float, nargs="*", default=[],
                         help="also pick an interpolation alpha for each variant's pick")
     parser.add_argument("--write-configs", metavar="DIR", help="write each pick as a config into DIR")
+    parser.add_argument("--config-precisions", nargs="+", choices=list(PRECISIONS),
+                        help="write the picks for these precisions too (default: --precision only)")
     parser.add_argument("--control", choices=list(VARIANTS),
                         help="stage one: pick the shared knobs (the schedule) with this control variant (fp), "
                              "which must stay within --control-tolerance of the teacher on holdout")
@@ -293,10 +296,11 @@ def main(argv=None):
         os.makedirs(args.write_configs, exist_ok=True)
         for variant, p in picked.items():
             trial = next(t for t in trials if t["trial"] == p["trial"])
-            name = os.path.join(args.write_configs, f"{args.arch}_{args.precision}_{variant}.yaml")
-            with open(name, "w") as f:
-                f.write(picked_config(args, student_cfg, trial, path))
-            stage(f"{variant}: picked config {name}")
+            for precision in args.config_precisions or [args.precision]:
+                name = os.path.join(args.write_configs, f"{args.arch}_{precision}_{variant}.yaml")
+                with open(name, "w") as f:
+                    f.write(picked_config(args, ARCHS[args.arch]["student"].format(p=precision), trial, path))
+                stage(f"{variant}: picked config {name}")
 
 
 if __name__ == "__main__":

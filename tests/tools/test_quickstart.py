@@ -370,3 +370,44 @@ def test_resume_drops_an_interpolated_row_whose_runs_changed(quickstart, tmp_pat
     monkeypatch.setattr("sys.argv", base + ["--variants", "aq", "--seeds", "1", "2", "--resume"])
     quickstart.main()
     assert names() == ["LSQ", aq]
+
+
+def test_picked_configs_replace_the_default_schedule(quickstart, tmp_path, monkeypatch, project_root):
+    """--configs DIR: a variant with a picked config (tools/sweep.py) runs it as it is (SEED added);
+    one without runs the student config with the quickstart's schedule."""
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    (picked / "detr_w4a4_aq.yaml").write_text(
+        f'_BASE_: "{os.path.join(project_root, "configs", "shapes", "aqdetr_w4a4.yaml")}"\nSOLVER:\n  MAX_ITER: 30\n')
+    calls = []
+
+    def fake_train_net(config, out, opts, log_path):
+        calls.append((os.path.basename(out), config, opts))
+        with open(log_path, "w") as log:
+            log.write("copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: 50.0,90.0,50.0,50.0,50.0,nan\n")
+        if "--eval-only" not in opts:
+            os.makedirs(out, exist_ok=True)
+            open(os.path.join(out, "model_final.pth"), "wb").close()
+            iters = 30 if "aq" in out else 20
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": 50.0 for k in quickstart.METRICS}}) + "\n")
+        return 60.0
+
+    monkeypatch.setattr(quickstart, "train_net", fake_train_net)
+    monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
+    monkeypatch.setattr(quickstart, "size_and_ops", lambda config, opts: (1.0, 0.1))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    argv = ["quickstart.py", "--iters", "20", "--variants", "lsq", "aq", "--configs", str(picked),
+            "--output", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", argv)
+    quickstart.main()
+    runs_by_name = {name: (config, opts) for name, config, opts in calls}
+    config, opts = runs_by_name["aq_seed1"]
+    assert os.path.abspath(os.path.join(runs.ROOT, config)) == str(picked / "detr_w4a4_aq.yaml")
+    assert opts == ["SEED", "1"]
+    config, opts = runs_by_name["lsq_seed1"]
+    assert config == "configs/shapes/aqdetr_w4a4.yaml" and runs.last_value(opts, "SOLVER.MAX_ITER", "") == "20"
+    monkeypatch.setattr("sys.argv", argv + ["--resume"])
+    calls.clear()
+    quickstart.main()  # the picked run is recognised as finished at its own 30 iterations
+    assert not [c for c in calls if c[0].endswith("_seed1")]

@@ -56,7 +56,8 @@ def test_every_variant_gets_the_budget_on_holdout_and_the_best_is_picked(sweep, 
     _fake_runs(sweep, monkeypatch, calls)
     out = tmp_path / "sweep"
     argv = ["--space", str(space), "--precision", "w2a2", "--variants", "lsq", "aux", "aq", "--budget", "4",
-            "--iters", "20", "--output", str(out), "--write-configs", str(tmp_path / "picked")]
+            "--iters", "20", "--output", str(out), "--write-configs", str(tmp_path / "picked"),
+            "--config-precisions", "w2a2", "w4a4"]
     sweep.main(argv)
     result = json.loads((out / "sweep.json").read_text())
     per_variant = {v: [t for t in result["trials"] if t["variant"] == v] for v in ("lsq", "aux", "aq")}
@@ -83,6 +84,10 @@ def test_every_variant_gets_the_budget_on_holdout_and_the_best_is_picked(sweep, 
     from_opts = load_config(os.path.join(runs.ROOT, "configs", "shapes", "aqdetr_w2a2.yaml"), trial["train_opts"])
     picked.merge_from_list(["SEED", "1", "DATASETS.TEST", "('shapes_holdout',)"])
     assert picked.dump() == from_opts.dump()
+    # The same settings for another precision: that precision's student config underneath.
+    other = load_config(str(tmp_path / "picked" / "detr_w4a4_aq.yaml"))
+    assert (other.MODEL.QUANT.WEIGHT_BITS, picked.MODEL.QUANT.WEIGHT_BITS) == (4, 2)
+    assert other.SOLVER.BASE_LR == picked.SOLVER.BASE_LR
 
 
 def test_bad_spaces_are_refused(sweep, tmp_path):
