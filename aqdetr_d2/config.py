@@ -7,6 +7,7 @@ from detectron2.config import get_cfg
 
 from .data.config import add_detr_input_config
 from .data.custom import register_config_datasets
+from .errors import UserInputError
 
 
 def _add_common_detr_keys(node: CN, num_queries: int, hidden_dim: int, dim_feedforward: int):
@@ -128,6 +129,10 @@ def _close_keys(cfg: CN, key: str):
     return difflib.get_close_matches(key, list(flatten(cfg)), n=3)
 
 
+class ConfigKeyError(UserInputError, KeyError):
+    """A config key that does not exist (the message suggests the closest ones)."""
+
+
 def load_config(config_file: str = None, opts=(), freeze: bool = True) -> CN:
     """Detectron2's defaults + AQ-DETR's keys + `config_file` + `KEY VALUE` overrides, for tools.
 
@@ -158,7 +163,7 @@ def merge_config(cfg: CN, config_file: str = None, opts=()) -> CN:
             raise
         key = match.group(1)
         hint = _close_keys(cfg, key)
-        raise KeyError(f"Unknown config key '{key}'"
+        raise ConfigKeyError(f"Unknown config key '{key}'"
                        + (f"; did you mean {' or '.join(hint)}?" if hint else "")
                        + " Valid keys are defined in detectron2/config/defaults.py and aqdetr_d2/config.py.") from e
     register_config_datasets(cfg)

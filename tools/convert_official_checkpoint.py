@@ -11,8 +11,9 @@ import argparse
 
 import torch
 
-from aqdetr_d2.checkpoint import UnsafeCheckpointError, convert_official_state_dict, load_torch_weights
+from aqdetr_d2.checkpoint import convert_official_state_dict, load_torch_weights
 from aqdetr_d2.checkpoint.official import ARCHS
+from aqdetr_d2.errors import user_errors_exit
 
 # --arch -> where configs/coco/ read the converted full-precision model (MODEL.WEIGHTS, TEACHER_WEIGHTS).
 DEFAULT_OUTPUTS = {"detr": "checkpoints/detr_r50_coco_d2.pth",
@@ -29,16 +30,17 @@ def main():
     args = parser.parse_args()
     output = args.output or DEFAULT_OUTPUTS[args.arch]
 
-    try:
-        checkpoint = load_torch_weights(args.input, "official checkpoint")
-        state = checkpoint.get("model", checkpoint)
-        converted = convert_official_state_dict(state, args.arch, args.coco_to_contiguous)
-    except (UnsafeCheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    checkpoint = load_torch_weights(args.input, "official checkpoint")
+    state = checkpoint.get("model", checkpoint)
+    report = []
+    converted = convert_official_state_dict(state, args.arch, args.coco_to_contiguous, report)
+    for line in report or ["class heads kept as they are"]:
+        print(f"remapped: {line}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     torch.save({"model": converted, "__author__": f"converted from official {args.arch}"}, output)
     print(f"wrote {len(converted)} tensors to {output}")
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main()

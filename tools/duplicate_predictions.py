@@ -22,6 +22,7 @@ from detectron2.structures import Instances, pairwise_iou
 from aqdetr_d2.config import load_config
 from aqdetr_d2.data import DetrDatasetMapper
 from aqdetr_d2.engine import build_calibrated_model
+from aqdetr_d2.errors import user_errors_exit
 
 
 def count_duplicates(instances: Instances, score: float, iou: float):
@@ -82,4 +83,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main()

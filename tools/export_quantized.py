@@ -29,6 +29,7 @@ from aqdetr_d2.config import load_config
 from aqdetr_d2.engine import build_calibrated_model
 from aqdetr_d2.quant import QuantizerBase
 from aqdetr_d2.quant.export import export_quantized
+from aqdetr_d2.errors import user_errors_exit
 
 MB = 2**20
 
@@ -117,4 +118,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main()

@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 from aqdetr_d2.config import load_config
 from aqdetr_d2.engine import build_calibrated_model, calibrated_start, interpolate_state_dicts
 from aqdetr_d2.engine.interpolation import check_alpha
+from aqdetr_d2.errors import user_errors_exit
 
 
 def main(argv=None):
@@ -64,4 +65,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main()

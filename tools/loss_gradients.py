@@ -21,6 +21,7 @@ import torch
 
 from aqdetr_d2.config import load_config
 from aqdetr_d2.engine import AQDETRTrainer
+from aqdetr_d2.errors import user_errors_exit
 
 
 def is_detection_term(name: str) -> bool:
@@ -84,4 +85,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main()

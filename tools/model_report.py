@@ -21,6 +21,7 @@ from detectron2.modeling import build_model
 from aqdetr_d2.config import load_config
 from aqdetr_d2.modeling.quantization import report_parts
 from aqdetr_d2.quant.report import model_report
+from aqdetr_d2.errors import user_errors_exit
 
 
 def describe_quant(cfg) -> str:
@@ -62,4 +63,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main()

@@ -48,6 +48,7 @@ from aqdetr_d2.distill.teacher import build_teacher
 from aqdetr_d2.engine import build_calibrated_model
 from aqdetr_d2.layers.box_ops import box_cxcywh_to_xyxy
 from aqdetr_d2.utils import visualization as vis
+from aqdetr_d2.errors import user_errors_exit
 
 
 
@@ -287,4 +288,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors_exit():  # a bad checkpoint, dataset or key: one line, exit 2
+        main(sys.argv[1:])

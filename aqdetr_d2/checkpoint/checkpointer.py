@@ -4,13 +4,14 @@ import re
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from ..errors import UserInputError
 from .safe_load import load_pickle_weights, load_torch_weights
 from ..quant.quantizers import BitWidthMismatchError
 from ..quant.export import check_export_fits, check_requantization, exported_state_dict, is_export
 
 
-class CheckpointMismatchError(RuntimeError):
-    pass
+class CheckpointMismatchError(UserInputError, RuntimeError):
+    """A checkpoint that does not fit the model; the message names the file and the fix."""
 
 
 # Where `_load_file` hands an export file to `_load_model`.

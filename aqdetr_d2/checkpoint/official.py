@@ -6,12 +6,18 @@ split into q/k/v, an optional `detector.` prefix for Deformable-DETR, and option
 91 sparse category ids reduced to Detectron2's 80 contiguous classes.
 """
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+from ..errors import UserInputError
+
 ARCHS = ("detr", "deformable_detr")
+
+
+class ConversionError(UserInputError, ValueError):
+    """An official checkpoint that does not fit the requested conversion."""
 
 
 def _rename_backbone_key(key: str) -> Optional[str]:
@@ -53,8 +59,8 @@ def _coco_contiguous_rows(with_no_object: bool) -> Tensor:
     return torch.as_tensor(ids + ([91] if with_no_object else []))
 
 
-def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_contiguous: str = "auto"
-                                ) -> Dict[str, Tensor]:
+def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_contiguous: str = "auto",
+                                report: Optional[List[str]] = None) -> Dict[str, Tensor]:
     """
     Args:
         state: the official model state dict (`checkpoint["model"]`).
@@ -63,18 +69,19 @@ def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_con
             Detectron2's contiguous order), "no" keeps rows as they are, "auto" does it when
             the class head has COCO's size (92 rows for DETR, 91 for Deformable-DETR).
     Returns:
-        a state dict for `AQDETR` / `AQDeformableDETR`.
+        a state dict for `AQDETR` / `AQDeformableDETR`; `report`, when given, receives one line per
+        class-head change.
     """
     if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got '{arch}'")
+        raise ConversionError(f"arch must be one of {ARCHS}, got '{arch}'")
     if coco_to_contiguous not in ("auto", "yes", "no"):
-        raise ValueError(f"coco_to_contiguous must be auto/yes/no, got '{coco_to_contiguous}'")
+        raise ConversionError(f"coco_to_contiguous must be auto/yes/no, got '{coco_to_contiguous}'")
     if not any(k.startswith("backbone.0.body.") for k in state):
-        raise ValueError("not an official DETR / Deformable-DETR state dict: no 'backbone.0.body.*' keys")
+        raise ConversionError("not an official DETR / Deformable-DETR state dict: no 'backbone.0.body.*' keys")
     deformable = any("sampling_offsets" in k for k in state)
     if deformable != (arch == "deformable_detr"):
         found = "deformable_detr" if deformable else "detr"
-        raise ValueError(f"this is a {found} checkpoint ({'it has' if deformable else 'no'} deformable attention "
+        raise ConversionError(f"this is a {found} checkpoint ({'it has' if deformable else 'no'} deformable attention "
                          f"'sampling_offsets'), not {arch}: convert it with --arch {found}")
     head_prefix = "" if arch == "detr" else "detector."
     out = {}
@@ -92,7 +99,7 @@ def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_con
     rows = out[class_keys[0]].shape[0] if class_keys else None
     if coco_to_contiguous == "yes" or (coco_to_contiguous == "auto" and rows == coco_rows):
         if rows != coco_rows:
-            raise ValueError(f"class head has {rows} rows, COCO's official head has {coco_rows}")
+            raise ConversionError(f"class head has {rows} rows, COCO's official head has {coco_rows}")
         keep = _coco_contiguous_rows(with_no_object)
         proposal_keys = _proposal_head_keys(out, class_keys)
         # The two-stage proposal head scores objectness in its row 0 (top-k selection and the
@@ -100,6 +107,11 @@ def convert_official_state_dict(state: Dict[str, Tensor], arch: str, coco_to_con
         proposal_keep = torch.cat([torch.zeros(1, dtype=keep.dtype), keep[1:]])
         for k in class_keys:
             out[k] = out[k][proposal_keep if k in proposal_keys else keep].clone()
+        if report is not None:
+            report.append(f"class rows of {len(class_keys) - len(proposal_keys)} class-head tensors: COCO's {coco_rows} "
+                          f"-> Detectron2's {len(keep)} (e.g. {sorted(set(class_keys) - proposal_keys)[:2]})")
+            if proposal_keys:
+                report.append(f"two-stage proposal head {sorted(proposal_keys)}: objectness row 0 kept first")
     return out
 
 
@@ -112,7 +124,7 @@ def _proposal_head_keys(out: Dict[str, Tensor], class_keys):
     proposal = {k for k in class_keys if f"class_embed.{index}." in k}
     first = {k.replace(f"class_embed.{index}.", "class_embed.0.") for k in proposal}
     if any(torch.equal(out[p], out[f]) for p, f in zip(sorted(proposal), sorted(first)) if f in out):
-        raise ValueError("two-stage without box refinement shares one class head between the proposals' objectness "
+        raise ConversionError("two-stage without box refinement shares one class head between the proposals' objectness "
                          "(row 0) and the classes, so its rows cannot be remapped; convert with "
                          "--coco-to-contiguous no")
     return proposal

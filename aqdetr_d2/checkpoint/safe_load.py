@@ -10,11 +10,13 @@ import pickle
 
 import torch
 
+from ..errors import UserInputError
+
 __all__ = ["UnsafeCheckpointError", "load_pickle_weights", "load_torch_weights"]
 
 
-class UnsafeCheckpointError(RuntimeError):
-    pass
+class UnsafeCheckpointError(UserInputError, RuntimeError):
+    """A checkpoint file that would run code, or cannot be read."""
 
 
 # (module, name) of the only callables a weights pickle may name: NumPy array and scalar

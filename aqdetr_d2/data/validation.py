@@ -11,11 +11,13 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..errors import UserInputError
+
 __all__ = ["DatasetError", "load_dataset", "check_dataset_dicts", "check_evaluator_type", "check_images_readable", "check_num_classes"]
 
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError, ValueError):
     """A problem of the user's data, found before training: the message names the dataset, the
     image and the fix."""
 

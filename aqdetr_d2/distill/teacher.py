@@ -9,8 +9,13 @@ from detectron2.modeling import build_model
 
 from ..config import add_aqdetr_config, merge_config
 from ..checkpoint import AQDETRCheckpointer
+from ..errors import UserInputError
 
 logger = logging.getLogger(__name__)
+
+
+class TeacherConfigError(UserInputError, ValueError):
+    """MODEL.DISTILL's teacher config or weights are missing or do not match the student."""
 
 # Sizes that must agree for layer-by-layer distillation, per meta-architecture config node.
 _MATCHING_KEYS = ("NUM_CLASSES", "NUM_OBJECT_QUERIES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS")
@@ -21,9 +26,9 @@ def teacher_config(cfg):
     """The teacher's config: `MODEL.DISTILL.TEACHER_CONFIG`, float, without auxiliary queries."""
     d = cfg.MODEL.DISTILL
     if not d.TEACHER_CONFIG:
-        raise ValueError("MODEL.DISTILL.ENABLED needs MODEL.DISTILL.TEACHER_CONFIG (the teacher's config file)")
+        raise TeacherConfigError("MODEL.DISTILL.ENABLED needs MODEL.DISTILL.TEACHER_CONFIG (the teacher's config file)")
     if not os.path.isfile(d.TEACHER_CONFIG):
-        raise FileNotFoundError(f"MODEL.DISTILL.TEACHER_CONFIG '{d.TEACHER_CONFIG}' does not exist")
+        raise TeacherConfigError(f"MODEL.DISTILL.TEACHER_CONFIG '{d.TEACHER_CONFIG}' does not exist")
     tcfg = get_cfg()
     add_aqdetr_config(tcfg)
     merge_config(tcfg, d.TEACHER_CONFIG)
@@ -41,7 +46,7 @@ def check_teacher_matches(student_cfg, teacher_cfg):
     """Raise if the teacher cannot be compared layer by layer with the student."""
     arch_s, arch_t = student_cfg.MODEL.META_ARCHITECTURE, teacher_cfg.MODEL.META_ARCHITECTURE
     if arch_s != arch_t:
-        raise ValueError(f"Teacher meta-architecture '{arch_t}' does not match the student's '{arch_s}'; "
+        raise TeacherConfigError(f"Teacher meta-architecture '{arch_t}' does not match the student's '{arch_s}'; "
                          "MODEL.DISTILL.TEACHER_CONFIG must describe the same architecture in full precision")
     node = _NODES[arch_s]
     s, t = student_cfg.MODEL[node], teacher_cfg.MODEL[node]
@@ -50,7 +55,7 @@ def check_teacher_matches(student_cfg, teacher_cfg):
         diffs += [f"MODEL.{node}.{k}: student {s[k]} vs teacher {t[k]}"
                   for k in ("NUM_FEATURE_LEVELS", "WITH_BOX_REFINE", "TWO_STAGE") if s[k] != t[k]]
     if diffs:
-        raise ValueError("Teacher and student differ, so their layers cannot be distilled one to one:\n  "
+        raise TeacherConfigError("Teacher and student differ, so their layers cannot be distilled one to one:\n  "
                          + "\n  ".join(diffs))
 
 
@@ -59,9 +64,9 @@ def build_teacher(cfg) -> nn.Module:
     (a whole-detector checkpoint: missing tensors are an error), eval mode, no gradients."""
     tcfg = teacher_config(cfg)
     if not tcfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.DISTILL.ENABLED needs MODEL.DISTILL.TEACHER_WEIGHTS (the float teacher's checkpoint)")
+        raise TeacherConfigError("MODEL.DISTILL.ENABLED needs MODEL.DISTILL.TEACHER_WEIGHTS (the float teacher's checkpoint)")
     if not os.path.isfile(tcfg.MODEL.WEIGHTS):
-        raise FileNotFoundError(f"MODEL.DISTILL.TEACHER_WEIGHTS '{tcfg.MODEL.WEIGHTS}' does not exist")
+        raise TeacherConfigError(f"MODEL.DISTILL.TEACHER_WEIGHTS '{tcfg.MODEL.WEIGHTS}' does not exist")
     teacher = build_model(tcfg)
     role = (f"teacher checkpoint (MODEL.DISTILL.TEACHER_WEIGHTS, built with MODEL.DISTILL.TEACHER_CONFIG "
             f"{cfg.MODEL.DISTILL.TEACHER_CONFIG})")

@@ -15,10 +15,13 @@ from detectron2.utils.logger import setup_logger
 
 from aqdetr_d2 import add_aqdetr_config
 from aqdetr_d2.config import merge_config
-from aqdetr_d2.checkpoint import UnsafeCheckpointError
-from aqdetr_d2.data import DatasetError
-from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer, CheckpointMismatchError, initialize_quantizers
+from aqdetr_d2.errors import UserInputError, user_errors_exit
+from aqdetr_d2.engine import AQDETRCheckpointer, AQDETRTrainer, initialize_quantizers
 from aqdetr_d2.utils.numerics import NUMERICS_TAG, numerics_summary
+
+
+class MissingWeightsError(UserInputError):
+    pass
 
 
 # MODEL.WEIGHTS value that asks --eval-only for the random initialisation explicitly.
@@ -43,11 +46,9 @@ def setup(args):
 
 
 def main(args):
-    try:
+    # The user's file, data or config, not the code: one line that names it and the fix, exit 2.
+    with user_errors_exit():
         return run(args)
-    except (CheckpointMismatchError, UnsafeCheckpointError, DatasetError) as e:
-        # The user's file, not the code: the message names it and the fix; a traceback would bury it.
-        raise SystemExit(f"error: {e}") from None
 
 
 def run(args):
@@ -57,8 +58,8 @@ def run(args):
         model = AQDETRTrainer.build_model(cfg)
         checkpointer = AQDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR, use_ema=cfg.MODEL_EMA.ENABLED)
         if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
-            raise SystemExit("error: --eval-only needs MODEL.WEIGHTS, the checkpoint to evaluate (to evaluate the "
-                             f"random initialisation on purpose, set MODEL.WEIGHTS {SCRATCH})")
+            raise MissingWeightsError("--eval-only needs MODEL.WEIGHTS, the checkpoint to evaluate (to evaluate the "
+                                      f"random initialisation on purpose, set MODEL.WEIGHTS {SCRATCH})")
         weights = "" if cfg.MODEL.WEIGHTS == SCRATCH else cfg.MODEL.WEIGHTS
         checkpointer.resume_or_load(weights, resume=args.resume)
         initialize_quantizers(cfg, model)

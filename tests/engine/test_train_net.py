@@ -57,8 +57,9 @@ def test_eval_only_rejects_mismatched_checkpoint(train_net, tmp_path):
 
 
 def test_unknown_config_key_is_rejected(train_net, tmp_path):
-    with pytest.raises(KeyError, match="MODEL.DETR.NUM_QUERIES.*did you mean MODEL.DETR.NUM_OBJECT_QUERIES"):
+    with pytest.raises(SystemExit, match="MODEL.DETR.NUM_QUERIES.*did you mean MODEL.DETR.NUM_OBJECT_QUERIES") as e:
         _run(train_net, "detr_fp32.yaml", tmp_path, "MODEL.DETR.NUM_QUERIES", "10")
+    assert e.value.code == 2
 
 
 def test_num_classes_smaller_than_dataset_is_rejected(train_net, tmp_path):
@@ -136,3 +137,17 @@ def test_an_unreadable_image_is_named_before_training(train_net, tmp_path):
     _register_copy("shapes_train_with_a_truncated_image", "shapes_train", truncate)
     with pytest.raises(SystemExit, match=r"image '.*cut.png' cannot be read \(.*truncated"):
         _run(train_net, "detr_fp32.yaml", tmp_path, "DATASETS.TRAIN", "('shapes_train_with_a_truncated_image',)")
+
+
+def test_a_refused_input_is_one_line_with_status_2_and_a_traceback_on_request(project_root, tmp_path):
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(b"PK\x03\x04 not a whole zip file")
+    cmd = [sys.executable, os.path.join(project_root, "projects", "AQDETR", "train_net.py"), "--config-file",
+           os.path.join(project_root, "configs", "shapes", "detr_fp32.yaml"), "--eval-only", *COMMON,
+           *TINY["detr_fp32.yaml"], "MODEL.WEIGHTS", str(cut), "OUTPUT_DIR", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {cut} cannot be read")
+    debug = subprocess.run(cmd, env={**env, "AQDETR_TRACEBACK": "1"}, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UnsafeCheckpointError" in debug.stderr

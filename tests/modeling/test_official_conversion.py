@@ -91,10 +91,11 @@ def test_the_tool_writes_where_the_coco_configs_read(make_cfg, project_root, tmp
     assert done.returncode == 0, done.stderr
     converted = torch.load(tmp_path / "checkpoints" / "deformable_detr_r50_coco_d2.pth", weights_only=True)["model"]
     assert converted["detector.class_embed.0.weight"].shape[0] == 80
+    assert "remapped: class rows of 4 class-head tensors: COCO's 91 -> Detectron2's 80" in done.stdout
     # The wrong --arch, and a truncated file: one line each, no traceback.
     for args in (["--arch", "detr", str(official)], ["--arch", "detr", str(tmp_path / "cut.pth")]):
         (tmp_path / "cut.pth").write_bytes(official.read_bytes()[:3000])
         done = subprocess.run([sys.executable, tool, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=120)
-        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.returncode == 2 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("error: ")
