@@ -92,3 +92,54 @@ def test_a_qat_checkpoint_of_other_bit_widths_is_refused(train_net, tmp_path):
     with pytest.raises(SystemExit, match=r"other bit widths than the config's \(.*is 4-bit in the checkpoint and 2-bit"):
         _run(train_net, "detr_fp32.yaml", tmp_path / "eval", *quant, "MODEL.QUANT.WEIGHT_BITS", "2",
              "MODEL.WEIGHTS", str(tmp_path / "w4" / "model_final.pth"), flags=["--eval-only"])
+
+
+def _evil_files(tmp_path):
+    """A .pkl and a .pth whose unpickling would create the directory `marker`."""
+    marker = tmp_path / "pwned"
+    pkl, pth = tmp_path / "evil.pkl", tmp_path / "evil.pth"
+    pkl.write_bytes(pickle.dumps({"model": {"x": _Payload(str(marker))}, "__author__": "x"}, protocol=2))
+    torch.save({"model": {"x": _Payload(str(marker))}}, pth)
+    return marker, [pkl, pth]
+
+
+# Every tool that reads a checkpoint, with the arguments that make it read `{w}`.
+TOOL_LOADS = {
+    "export_quantized.py": ["--output", "{out}/x.pth", "MODEL.QUANT.ENABLED", "True", "MODEL.WEIGHTS", "{w}"],
+    "interpolate_weights.py": ["--fine-tuned", "{w}", "--alpha", "0.5", "--output", "{out}/x.pth",
+                               "MODEL.QUANT.ENABLED", "True", "MODEL.WEIGHTS", "{w}"],
+    "model_report.py": ["--load-weights", "MODEL.WEIGHTS", "{w}"],
+    "visualize.py": ["predictions", "--output", "{out}/x.png", "MODEL.WEIGHTS", "{w}"],
+    "duplicate_predictions.py": ["--weights", "{w}", "--num-images", "2"],
+}
+
+
+@pytest.mark.parametrize("tool", sorted(TOOL_LOADS))
+def test_no_tool_runs_code_from_a_checkpoint(project_root, tmp_path, tool):
+    import subprocess
+    import sys
+
+    marker, files = _evil_files(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    for weights in files:
+        args = [a.format(w=weights, out=tmp_path) for a in TOOL_LOADS[tool]]
+        if tool == "visualize.py":
+            args[1:1] = ["--config-file", "configs/shapes/detr_fp32.yaml"]
+        else:
+            args = ["--config-file", "configs/shapes/detr_fp32.yaml", *args]
+        done = subprocess.run([sys.executable, os.path.join("tools", tool), *args, "MODEL.DEVICE", "cpu",
+                               *TINY["detr_fp32.yaml"]], cwd=project_root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"{weights.name} " in done.stderr and "Traceback" not in done.stderr
+    assert not marker.exists()
+
+
+def test_the_committed_teachers_do_not_load_into_each_other(make_cfg, project_root):
+    narrow = ["MODEL.BACKBONE.NAME", "build_narrow_resnet_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
+              "MODEL.RESNETS.RES2_OUT_CHANNELS", "32"]
+    teachers = {"detr_fp32.yaml": "deformable_teacher.pth", "deformable_detr_fp32.yaml": "detr_teacher.pth"}
+    for config, other in teachers.items():
+        model = build_model(make_cfg(os.path.join("shapes", config), *narrow))
+        with pytest.raises(CheckpointMismatchError, match="does not fit this model|tensors do not fit"):
+            AQDETRCheckpointer(model).load(os.path.join(project_root, "docs", "quickstart", other))
