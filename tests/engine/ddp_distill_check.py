@@ -1,7 +1,7 @@
 """Worker for test_aqdetr_train: 2 gloo processes train AQ-DETR with distillation (and the
 weight average of MODEL_EMA), then compare ranks.
 
-    python tests/engine/ddp_distill_check.py CONFIG RESULT_JSON [KEY VALUE ...]
+    python tests/engine/ddp_distill_check.py CONFIG RESULT_JSON [--resume] [KEY VALUE ...]
 """
 import json
 import sys
@@ -19,12 +19,12 @@ from aqdetr_d2.engine import AQDETRTrainer
 from aqdetr_d2.quant import iter_quantizers
 
 
-def worker(config, result_path, opts):
+def worker(config, result_path, resume, opts):
     cfg = get_cfg()
     add_aqdetr_config(cfg)
     merge_config(cfg, config, opts)
     trainer = AQDETRTrainer(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=resume)
     trainer.train()
     student = trainer.model.module
     teacher_ids = {id(p) for p in student.distiller.teacher.parameters()}
@@ -52,4 +52,5 @@ def worker(config, result_path, opts):
 
 if __name__ == "__main__":
     config, result_path, *opts = sys.argv[1:]
-    launch(worker, 2, dist_url="auto", args=(config, result_path, opts))
+    resume = opts[:1] == ["--resume"]
+    launch(worker, 2, dist_url="auto", args=(config, result_path, resume, opts[resume:]))

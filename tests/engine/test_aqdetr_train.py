@@ -56,7 +56,7 @@ def test_two_process_ddp_distillation_keeps_quantizers_and_average_in_sync(train
     script = os.path.join(project_root, "tests", "engine", "ddp_distill_check.py")
     args = [os.path.join(project_root, "configs", "shapes", STUDENTS[config]), str(tmp_path / "result.json"),
             *COMMON, *TINY[config], *opts, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
-            "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5",
+            "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5", "SEED", "7",
             "OUTPUT_DIR", str(tmp_path / "ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
@@ -70,3 +70,19 @@ def test_two_process_ddp_distillation_keeps_quantizers_and_average_in_sync(train
     assert result["max_param_difference_across_ranks"] == 0.0
     assert result["max_ema_difference_across_ranks"] == 0.0 and result["ema_differs_from_weights"]
     assert result["iterations"] == 2
+
+    # Resumed to 4 iterations: the ranks stay in sync, and the run equals 4 uninterrupted iterations.
+    for out, flags in (("ddp", ["--resume"]), ("straight", [])):
+        longer = [a if a != str(tmp_path / "ddp") else str(tmp_path / out) for a in args]
+        proc = subprocess.run([sys.executable, script, longer[0], str(tmp_path / f"{out}.json"), *flags, *longer[2:],
+                               "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(tmp_path / f"{out}.json") as f:
+            result = json.load(f)
+        assert result["iterations"] == 4 and result["max_scale_difference_across_ranks"] == 0.0
+        assert result["max_param_difference_across_ranks"] == 0.0 and result["max_ema_difference_across_ranks"] == 0.0
+    resumed, straight = (torch.load(tmp_path / d / "model_final.pth", map_location="cpu", weights_only=True)
+                         for d in ("ddp", "straight"))
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

@@ -60,7 +60,9 @@ def test_coco_remap_commutes_with_the_model(make_cfg, mode):
     converted = convert_official_state_dict(_as_official(official_model.state_dict()), "deformable_detr", "yes")
     ours = _model(make_cfg, 80, mode)
     ours.load_state_dict(converted)
-    image = [{"image": torch.randint(0, 256, (3, 96, 128), generator=g, dtype=torch.uint8), "height": 96, "width": 128}]
+    # A padded batch: two images of different sizes.
+    image = [{"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), "height": h, "width": w}
+             for h, w in ((96, 128), (80, 104))]
     with torch.no_grad():
         want = official_model.predict(official_model.preprocess_image(image))
         got = ours.predict(ours.preprocess_image(image))
