@@ -99,6 +99,7 @@ class ResumableTrainLoader:
         self.next_position = 0
         self.pending: List[List[int]] = [[], []]
         self._gathered: Optional[List[dict]] = None
+        self._buckets = None  # (position, sample) pairs waiting per aspect-ratio group, while iterating
         self.restored = False  # whether load_state_dict ran (a resumed checkpoint held this state)
 
     def _bucket(self, sample: dict) -> int:
@@ -110,12 +111,13 @@ class ResumableTrainLoader:
         mapped = {}
         if wanted:
             span = itertools.islice(samples.indices(wanted[0]), wanted[-1] - wanted[0] + 1)
-            mapped = {p: samples.map_at(p, index)[1] for p, index in enumerate(span, wanted[0]) if p in wanted}
+            wanted_set = set(wanted)
+            mapped = {p: samples.map_at(p, index)[1] for p, index in enumerate(span, wanted[0]) if p in wanted_set}
         return [[(p, mapped[p]) for p in bucket] for bucket in self.pending]
 
     def __iter__(self):
         samples = _PositionedSamples(self.dataset, self.mapper, self.make_sampler, self.seed, self.next_position)
-        buckets = self._restored_buckets(samples)
+        self._buckets = buckets = self._restored_buckets(samples)
         # Its own generator: creating the iterator must not draw from torch's global one, or a
         # resumed run's first step would see other dropout draws than the uninterrupted run's.
         loader = DataLoader(samples, num_workers=self.num_workers, collate_fn=operator.itemgetter(0),
@@ -126,15 +128,15 @@ class ResumableTrainLoader:
                 continue
             bucket = buckets[self._bucket(sample)]
             bucket.append((position, sample))
-            batch = [s for _, s in bucket] if len(bucket) == self.batch_size else None
-            if batch is not None:
-                bucket.clear()
-            self.pending = [[p for p, _ in b] for b in buckets]
-            if batch is not None:
+            if len(bucket) == self.batch_size:
+                batch = [s for _, s in bucket]
+                bucket.clear()  # before the yield: code after it may never run
                 yield batch
 
     def _local_state(self) -> dict:
-        return {"next_position": self.next_position, "pending": [list(b) for b in self.pending]}
+        # While iterating, the waiting positions are those in the buckets; before, those restored.
+        pending = [[p for p, _ in b] for b in self._buckets] if self._buckets is not None else self.pending
+        return {"next_position": self.next_position, "pending": [list(b) for b in pending]}
 
     def gather(self) -> None:
         """Collect every rank's state for the checkpoint; called on all ranks before saving."""
@@ -145,6 +147,7 @@ class ResumableTrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.restored = int(state["seed"]), True
+        self._buckets = None  # the next iteration restores the buckets from `pending`
         ranks, world = state["ranks"], comm.get_world_size()
         if len(ranks) == world:
             mine = ranks[comm.get_rank()]
