@@ -17,4 +17,6 @@ setup(
         "opencv-python",
         "scipy",
     ],
+    # ONNX export and onnxruntime evaluation (aqdetr_d2.deploy, tools/export_onnx.py).
+    extras_require={"deploy": ["onnx>=1.17", "onnxruntime>=1.20", "ml_dtypes<0.6"]},
 )

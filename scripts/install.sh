@@ -27,7 +27,10 @@ echo "[install] python: $($PYTHON --version)"
     "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "termcolor>=1.1" "tabulate" "yacs>=0.1.8" \
     "cloudpickle" "Pillow>=7.1" "tqdm>4.29.0" "packaging" \
     "tensorboard>=2.14,<3" \
-    "pytest>=7,<9"
+    "pytest>=7,<9" \
+    "onnx==1.23.2" "onnxruntime==1.32.0" "ml_dtypes==0.5.4"
+# onnx / onnxruntime: deployment (tools/export_onnx.py, tools/eval_onnx.py), ~40 MB. ml_dtypes
+# 0.5.4 is the newest that onnx accepts and that still runs on numpy<2, which Detectron2 needs.
 
 if "$PYTHON" -c "import detectron2" 2>/dev/null \
    && "$PYTHON" -m pip show sal-detectron2 >/dev/null 2>&1; then

@@ -23,8 +23,21 @@ from torch import Tensor, nn
 SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
 
 
+def spatial_shapes_tensor(shapes: Sequence[Tuple[int, int]], device) -> Tensor:
+    """(n_levels, 2) long tensor of the levels' (H, W), taken from `feature.shape[-2:]`. While
+    an exporter traces, those sizes are 0-d tensors and are stacked, not copied as constants."""
+    if torch.jit.is_tracing():
+        return torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in shapes]).to(device)
+    return torch.as_tensor(shapes, dtype=torch.long, device=device)
+
+
 def level_shapes(spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
-    """(n_levels, 2) tensor or sequence of (H, W) -> list of (H, W) Python ints."""
+    """(n_levels, 2) tensor or sequence of (H, W) -> list of (H, W) Python ints.
+
+    While an exporter traces, the sizes stay traced 0-d tensors (see `spatial_shapes_tensor`),
+    so that the exported graph follows the input's height and width."""
+    if torch.jit.is_tracing():
+        return [(h, w) for h, w in spatial_shapes]
     if isinstance(spatial_shapes, Tensor):
         # One host sync per call: the per-level views below need the sizes as Python ints.
         spatial_shapes = spatial_shapes.tolist()

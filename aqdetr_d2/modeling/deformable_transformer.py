@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..layers.attention import MultiheadAttention
 from ..layers.box_ops import inverse_sigmoid
-from ..layers.ms_deform_attn import MSDeformAttn, level_shapes
+from ..layers.ms_deform_attn import MSDeformAttn, level_shapes, spatial_shapes_tensor
 from ..layers.proposals import box_sine_embed, encoder_proposals
 
 
@@ -356,7 +356,7 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         pos_flatten = torch.cat(pos_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
+        spatial_shapes = spatial_shapes_tensor(shapes, src_flatten.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 

@@ -21,6 +21,14 @@ def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     return x if pos is None else x + pos
 
 
+def _shorter_side(spatial_shape):
+    """min(H, W); traced sizes (0-d tensors, while exporting) stay in the graph."""
+    height, width = spatial_shape
+    if isinstance(height, Tensor):
+        return torch.minimum(height, width)
+    return min(height, width)
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + FFN, post-norm (DETR) or pre-norm."""
 
@@ -247,7 +255,7 @@ class Transformer(nn.Module):
         dec = self.decoder(tgt, enc["memory"], tgt_mask=tgt_mask, memory_key_padding_mask=enc["mask"],
                            pos=enc["pos"], query_pos=query_pos, reference_boxes=reference_boxes,
                            box_heads=box_heads, memory_centers=centers,
-                           cell_size=1.0 / min(enc["spatial_shape"]))
+                           cell_size=1.0 / _shorter_side(enc["spatial_shape"]))
         out = {**enc, "hs": torch.stack(dec["states"]).transpose(1, 2),  # (L, Q, B, C) -> (L, B, Q, C)
                "dec_raw_states": dec["raw_states"], "dec_self_attn": dec["self_attn"],
                "dec_cross_attn": dec["cross_attn"], "dec_query_pos": dec["query_pos"],

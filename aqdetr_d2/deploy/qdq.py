@@ -1,0 +1,287 @@
+"""
+Integer-kernel forms of the fake-quantized layers, for ONNX export.
+
+Each module here computes exactly what the fake-quantized module it replaces computes (up to
+float rounding where a batch norm is folded), and exports as the QDQ pattern that ONNX Runtime
+turns into integer kernels:
+
+    activation quantizer:  QuantizeLinear(int8 / uint8) -> Clip(to the b-bit range) -> DequantizeLinear
+    quantized weight:      int8 initializer holding the b-bit codes -> DequantizeLinear(per channel)
+    QuantLinear:           DQ(x) @ DQ(W^T) + bias   (MatMul, fused to MatMulIntegerToFloat)
+    QuantConv2d:           Conv(DQ(x), DQ(W), bias) (fused to QLinearConv when a Q follows)
+
+ONNX's QuantizeLinear saturates to the container's range (int8 or uint8), not to b bits; the
+Clip between Q and DQ is on the integer codes, so that the Q / DQ pair around an operator
+stays adjacent to it and the runtime can still fuse it.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserInputError
+from ..quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantizerBase, QuantLinear
+
+
+class ExportError(UserInputError, ValueError):
+    """A layer of the model has no integer form in ONNX."""
+
+
+def _per_axis(t: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
+    if axis is None:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.view(shape)
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    """x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s; scale s and zero point z are 0-d
+    (per tensor) or (C,) along `axis`."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: Optional[int]):
+        s, z = _per_axis(scale, x, axis), _per_axis(zero_point.float(), x, axis)
+        # Multiplying by the reciprocal, as the quantizers do, keeps their rounding ties.
+        codes = (x * (1.0 / s)).round_().add_(z).clamp_(qmin, qmax)
+        return codes.sub_(z).mul_(s)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin, qmax, axis):
+        kwargs = {} if axis is None else {"axis_i": axis}
+        codes = g.op("QuantizeLinear", x, scale, zero_point, **kwargs)
+        dtype = torch.int8 if qmin < 0 else torch.uint8  # the zero point's type
+        bounds = [g.op("Constant", value_t=torch.tensor(v, dtype=dtype)) for v in (qmin, qmax)]
+        codes = g.op("Clip", codes, *bounds)
+        return g.op("DequantizeLinear", codes, scale, zero_point, **kwargs)
+
+
+class _DequantizeBias(torch.autograd.Function):
+    """bias = codes * scale per output channel: int32 codes at the input scale times the
+    weight scale, the bias that an integer convolution adds to its int32 accumulator."""
+
+    @staticmethod
+    def forward(ctx, codes, scale):
+        return codes.float() * scale
+
+    @staticmethod
+    def symbolic(g, codes, scale):
+        return g.op("DequantizeLinear", codes, scale, axis_i=0)
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """weight = (codes - zero_point) * scale along `axis`; codes are integer initializers."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point, axis: int):
+        return (codes.float() - _per_axis(zero_point.float(), codes, axis)) * _per_axis(scale, codes, axis)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+_UINT8_SHIFT = 128
+
+
+def _uint8_shifted(quantizer: QuantizerBase, weight: bool) -> bool:
+    """Signed per-tensor activation codes ride in uint8, shifted by 128: x86 integer kernels
+    take unsigned activations, and ONNX Runtime only converts int8 Q / DQ pairs that are
+    adjacent. Per-head attention codes stay int8: ONNX Runtime 1.32 fuses a per-axis uint8
+    MatMul input into MatMulIntegerToFloat, which then refuses per-axis zero points."""
+    return quantizer.signed and not weight and quantizer.per_tensor
+
+
+def _integer_qparams(quantizer: QuantizerBase, name: str, weight: bool = False):
+    """Scale (0-d or (C,)) and integer zero point of an enabled, calibrated quantizer: int8 for
+    weights, uint8 for activations."""
+    if not bool(quantizer.initialized):
+        raise ExportError(f"{name}: the quantizer was never calibrated; load a trained checkpoint or "
+                          "calibrate (MODEL.QUANT.CALIB_BATCHES) before exporting")
+    if isinstance(quantizer, LSQQuantizer):
+        if quantizer.offset is not None:
+            raise ExportError(f"{name}: an LSQ+ offset is not an integer zero point, so ONNX's "
+                              "QuantizeLinear cannot express it; export models trained with QUANTIZER 'lsq' "
+                              "or 'minmax' and LEARNABLE_OFFSET False")
+        scale = quantizer.scale.detach().clamp_min(quantizer.eps)
+        zero_point = torch.zeros_like(scale)
+    elif isinstance(quantizer, MinMaxQuantizer):
+        scale, zero_point = quantizer.scale.detach(), quantizer.zero_point.detach().float()
+    else:
+        raise ExportError(f"{name}: no ONNX form for {type(quantizer).__name__}")
+    zero_point = zero_point.round()
+    if _uint8_shifted(quantizer, weight):
+        zero_point = zero_point + _UINT8_SHIFT
+    zero_point = zero_point.to(torch.uint8 if _uint8_shifted(quantizer, weight) or not quantizer.signed else torch.int8)
+    if quantizer.per_tensor:
+        return scale.reshape(()).clone(), zero_point.reshape(()).clone()
+    return scale.clone(), zero_point.clone()
+
+
+class QuantizeDequantize(nn.Module):
+    """The export form of an activation or attention quantizer: x (any shape) -> x_hat."""
+
+    def __init__(self, quantizer: QuantizerBase, name: str):
+        super().__init__()
+        scale, zero_point = _integer_qparams(quantizer, name)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        shift = _UINT8_SHIFT if _uint8_shifted(quantizer, weight=False) else 0
+        self.qmin, self.qmax = quantizer.qmin + shift, quantizer.qmax + shift
+        self.ch_axis = None if quantizer.per_tensor else quantizer.ch_axis
+
+    def forward(self, x: Tensor) -> Tensor:
+        axis = None if self.ch_axis is None else self.ch_axis % x.dim()
+        return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.qmin, self.qmax, axis)
+
+
+def export_quantizer(quantizer: nn.Module, name: str) -> nn.Module:
+    """Identity for a disabled (32-bit) quantizer, else its QuantizeDequantize."""
+    if isinstance(quantizer, QuantizerBase) and quantizer.enabled:
+        return QuantizeDequantize(quantizer, name)
+    return nn.Identity()
+
+
+def _weight_codes(module, name: str):
+    """int8 codes, (C_out,) float scale and int8 zero point of a quantized layer's weight, or
+    None when its weight quantizer is off."""
+    quantizer = module.weight_quantizer
+    if not (isinstance(quantizer, QuantizerBase) and quantizer.enabled):
+        return None
+    scale, zero_point = _integer_qparams(quantizer, name + ".weight_quantizer", weight=True)
+    codes, _, _ = quantizer.quantize_to_int(module.weight.detach())
+    channels = module.weight.shape[0]
+    if quantizer.per_tensor:
+        scale, zero_point = scale.expand(channels).clone(), zero_point.expand(channels).clone()
+    elif quantizer.ch_axis % module.weight.dim() != 0:
+        raise ExportError(f"{name}: weight step sizes along axis {quantizer.ch_axis}; ONNX export needs them "
+                          "per output channel (axis 0)")
+    # Unsigned weight codes would need a uint8 container; weights are signed in every config.
+    return codes.to(torch.int8), scale.float(), zero_point.to(torch.int8)
+
+
+class DequantLinear(nn.Module):
+    """y = DQ(x) @ DQ(codes)^T + bias. x: (..., in_features) -> y: (..., out_features).
+
+    The codes are stored transposed, (in_features, out_features) with one step size per column,
+    so that MatMul reads the DequantizeLinear directly (a Transpose in between blocks fusion).
+    """
+
+    def __init__(self, module: QuantLinear, name: str):
+        super().__init__()
+        self.input_quant = export_quantizer(module.input_quantizer, name + ".input_quantizer")
+        packed = _weight_codes(module, name)
+        if packed is None:
+            self.register_buffer("weight_t", module.weight.detach().t().contiguous())
+            self.codes_t = None
+        else:
+            codes, scale, zero_point = packed
+            self.register_buffer("codes_t", codes.t().contiguous())
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.codes_t is None:
+            weight = self.weight_t
+        else:
+            weight = _DequantizeWeight.apply(self.codes_t, self.scale, self.zero_point, 1)
+        y = torch.matmul(self.input_quant(x), weight)
+        return y if self.bias is None else y + self.bias
+
+
+def _norm_affine(norm: Optional[nn.Module], channels: int):
+    """(scale, shift) per channel of an inference-time batch norm, or None if it cannot fold."""
+    if norm is None:
+        return torch.ones(channels), torch.zeros(channels)
+    if all(hasattr(norm, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")) and not norm.training:
+        scale = norm.weight.detach() * (norm.running_var.detach() + norm.eps).rsqrt()
+        return scale, norm.bias.detach() - norm.running_mean.detach() * scale
+    return None
+
+
+class DequantConv2d(nn.Module):
+    """y = act(Conv(DQ(x), DQ(codes), bias)), with an inference batch norm folded in.
+
+    x: (N, C_in, H, W) -> y: (N, C_out, H', W'). A batch norm's per-channel scale multiplies
+    the weight's per-channel step size, so the integer codes stay those of the trained layer
+    (a negative scale negates a channel's codes: still integers, within int8).
+    """
+
+    def __init__(self, module: QuantConv2d, name: str):
+        super().__init__()
+        self.input_quant = export_quantizer(module.input_quantizer, name + ".input_quantizer")
+        self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                              groups=module.groups)
+        if module.padding_mode != "zeros":
+            raise ExportError(f"{name}: padding_mode {module.padding_mode!r} has no ONNX Conv form; use 'zeros'")
+        channels = module.out_channels
+        affine = _norm_affine(module.norm, channels)
+        self.norm = None if affine is not None else module.norm
+        norm_scale, norm_shift = affine if affine is not None else (torch.ones(channels), torch.zeros(channels))
+        bias = torch.zeros(channels) if module.bias is None else module.bias.detach()
+        self.register_buffer("bias", bias * norm_scale + norm_shift)
+        self.activation = module.activation
+        packed = _weight_codes(module, name)
+        if packed is None:
+            self.register_buffer("weight", module.weight.detach() * norm_scale.view(-1, 1, 1, 1))
+            self.codes = None
+        else:
+            codes, scale, zero_point = packed
+            if bool((norm_scale < 0).any()) and bool(zero_point.any()):
+                raise ExportError(f"{name}: a negative batch-norm scale cannot fold into asymmetric weight codes")
+            sign = torch.where(norm_scale < 0, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
+            self.register_buffer("codes", (codes.to(torch.int16) * sign).to(torch.int8))
+            self.register_buffer("scale", scale * norm_scale.abs())
+            self.register_buffer("zero_point", zero_point)
+            if isinstance(self.input_quant, QuantizeDequantize) and self.input_quant.ch_axis is None:
+                # The int32 bias of an integer convolution, as ONNX Runtime would quantize it
+                # (its WeightBiasQuantization); rounded here so the graph states it exactly.
+                bias_scale = self.input_quant.scale * self.scale
+                self.register_buffer("bias_scale", bias_scale)
+                self.register_buffer("bias_codes", torch.round(self.bias / bias_scale).to(torch.int32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.codes is None:
+            weight = self.weight
+        else:
+            weight = _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, 0)
+        bias = self.bias
+        if hasattr(self, "bias_codes"):
+            bias = _DequantizeBias.apply(self.bias_codes, self.bias_scale)
+        y = F.conv2d(self.input_quant(x), weight, bias, **self.conv_args)
+        if self.norm is not None:
+            y = self.norm(y)
+        return y if self.activation is None else self.activation(y)
+
+
+def _export_form(module: nn.Module, name: str) -> Optional[nn.Module]:
+    if isinstance(module, QuantLinear):
+        return DequantLinear(module, name)
+    if isinstance(module, QuantConv2d):
+        return DequantConv2d(module, name)
+    if isinstance(module, QuantizerBase):
+        return export_quantizer(module, name)
+    return None
+
+
+def to_integer_forms(model: nn.Module) -> nn.Module:
+    """Replace, in place, every QuantLinear / QuantConv2d and every remaining quantizer of
+    `model` (eval mode) by its export form; a module held by two parents (the decoder's alias
+    of a box head) is replaced under both names by one new module. Raises ExportError naming a
+    layer that has no integer form."""
+    new_forms, places = {}, []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(place + ".") for place, _ in places):
+            continue  # inside a layer replaced as a whole
+        if id(module) not in new_forms:
+            form = _export_form(module, name)
+            if form is None:
+                continue
+            new_forms[id(module)] = form
+        places.append((name, module))
+    for name, module in places:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new_forms[id(module)])
+    return model

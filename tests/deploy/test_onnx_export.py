@@ -1,0 +1,255 @@
+"""ONNX export with integer operators, checked in onnxruntime against PyTorch.
+
+Per quantizer, onnxruntime (all optimisations on, so its integer kernels run) gives exactly
+PyTorch's fake quantization, and per linear layer the same to float rounding. Elsewhere a code
+can round the other way where a value lies within float noise (~1e-6) of a rounding boundary:
+the two runtimes add in different orders, a folded batch norm multiplies in another order, an
+int32 bias is rounded. Such a flip moves that value by exactly one step (checked on a conv
+layer) and everything downstream a little, so whole models are compared tightly for the float
+export and, for the quantized export, by the share of outputs that agree.
+"""
+import collections
+import copy
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.modeling import build_model
+
+from aqdetr_d2.deploy import ExportError, ExportedDetector, export_onnx
+from aqdetr_d2.deploy.qdq import QuantizeDequantize, to_integer_forms
+from aqdetr_d2.deploy.runtime import OnnxRuntimeDetector, ort_session
+from aqdetr_d2.quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantLinear
+
+from quant.test_export import _quantized, images  # tests/ is on pytest's pythonpath
+
+
+def run_ort(path, *inputs, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def optimized_ops(path, tmp_path):
+    optimized = str(tmp_path / "optimized.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = optimized
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+
+
+def export_module(module, example, path):
+    # Dynamic sizes, as in a detector's graph: ONNX Runtime then fuses as it does there.
+    with torch.no_grad():
+        torch.onnx.export(module, (example,), path, dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {d: f"d{d}" for d in range(example.dim() - 1)}})
+    return path
+
+
+# ---------------------------------------------------------------- quantizers
+QUANTIZERS = {
+    "lsq4 signed": lambda: LSQQuantizer(4, signed=True),
+    "lsq4 unsigned": lambda: LSQQuantizer(4, signed=False),
+    "lsq2 signed": lambda: LSQQuantizer(2, signed=True),
+    "lsq3 per head": lambda: LSQQuantizer(3, signed=True, granularity="head", ch_axis=1, num_channels=4),
+    "lsq4 unsigned per head": lambda: LSQQuantizer(4, signed=False, granularity="head", ch_axis=1, num_channels=4),
+    "minmax4 unsigned": lambda: MinMaxQuantizer(4, signed=False),
+    "minmax8 signed": lambda: MinMaxQuantizer(8, signed=True),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_quantizer_qdq_equals_fake_quantization(name, tmp_path):
+    quantizer = QUANTIZERS[name]()
+    x = torch.randn(2, 4, 50, 16) * 3 + (2 if "unsigned" in name else 0)
+    quantizer(x)  # initialise from data
+    x = torch.randn(2, 4, 50, 16) * 4  # then beyond the calibrated range, both ends
+    expected = quantizer(x)
+    qdq = QuantizeDequantize(quantizer, name)
+    assert torch.equal(qdq(x), expected)
+    path = export_module(qdq, x, str(tmp_path / "q.onnx"))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        assert torch.equal(run_ort(path, x, level=level)[0], expected)
+
+
+def test_minmax_qdq_equals_pytorch_fake_quantize_op(tmp_path):
+    # Independent reference: PyTorch's own fake-quantize op with the observer's scale / zero point.
+    quantizer = MinMaxQuantizer(4, signed=False)
+    quantizer(torch.rand(1000) * 5 - 1)
+    x = torch.randn(1000) * 4
+    expected = torch.fake_quantize_per_tensor_affine(x, float(quantizer.scale), int(quantizer.zero_point), 0, 15)
+    path = export_module(QuantizeDequantize(quantizer, "q"), x, str(tmp_path / "q.onnx"))
+    assert torch.equal(run_ort(path, x)[0], expected)
+
+
+def test_integer_codes_stay_in_the_bit_range(tmp_path):
+    quantizer = LSQQuantizer(4, signed=True)
+    quantizer(torch.randn(100))
+    path = export_module(QuantizeDequantize(quantizer, "q"), torch.randn(100), str(tmp_path / "q.onnx"))
+    graph = onnx.load(path)
+    # The Q -> DQ codes: expose the Clip output and read the raw codes for a far-out input.
+    clip = next(n for n in graph.graph.node if n.op_type == "Clip")
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(clip.output[0], onnx.TensorProto.UINT8, None))
+    onnx.save(graph, str(tmp_path / "codes.onnx"))
+    x = torch.linspace(-100, 100, 100)
+    _, codes = run_ort(str(tmp_path / "codes.onnx"), x)
+    codes = codes.long() - 128  # signed codes ride in uint8 shifted by 128
+    assert codes.min() == -8 and codes.max() == 7
+    assert torch.equal(codes, quantizer.quantize_to_int(x)[0].long())
+
+
+# ---------------------------------------------------------------- layers
+def _lsq(bits, signed=True, channels=None):
+    if channels:
+        return LSQQuantizer(bits, signed=signed, granularity="channel", num_channels=channels)
+    return LSQQuantizer(bits, signed=signed)
+
+
+def test_linear_runs_as_integer_matmul(tmp_path):
+    layer = QuantLinear.from_float(nn.Linear(32, 24), _lsq(4, channels=24), _lsq(4))
+    x = torch.randn(3, 10, 32)
+    layer(x)  # initialise the step sizes
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(x)
+    path = export_module(to_integer_forms(nn.Sequential(layer)), x, str(tmp_path / "linear.onnx"))
+    assert optimized_ops(path, tmp_path)["MatMulIntegerToFloat"] == 1
+    # int32 accumulation then one float scale: equal to the float product of exact codes to rounding.
+    torch.testing.assert_close(run_ort(path, x)[0], expected, rtol=1e-5, atol=1e-5)
+    codes = [i for i in onnx.load(path).graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(codes) == 1 and onnx.numpy_helper.to_array(codes[0]).min() >= -8
+
+
+def test_conv_with_batch_norm_runs_as_qlinearconv(tmp_path):
+    norm = FrozenBatchNorm2d(8)
+    norm.weight.copy_(torch.randn(8))  # some negative scales: folded into the codes' signs
+    norm.running_var.copy_(torch.rand(8) + 0.5)
+    norm.running_mean.copy_(torch.randn(8))
+    conv = Conv2d(6, 8, 3, padding=1, bias=False, norm=norm, activation=torch.relu)
+    qconv = QuantConv2d.from_float(conv, _lsq(4, channels=8), _lsq(4, signed=False))
+    model = nn.Sequential(qconv, _lsq(4, signed=False)).eval()
+    x = torch.rand(1, 6, 20, 24) * 3
+    with torch.no_grad():
+        model(x)  # initialise
+        expected = model(x)
+    integer = to_integer_forms(copy.deepcopy(model))
+    with torch.no_grad():
+        exact = integer(x)
+    path = export_module(integer, x, str(tmp_path / "conv.onnx"))
+    assert optimized_ops(path, tmp_path)["QLinearConv"] == 1
+    got = run_ort(path, x)[0]
+    step = float(model[1].scale)
+    # The graph's own arithmetic (batch norm folded into the step sizes, int32 bias), in
+    # PyTorch: QLinearConv gives the same codes but where its fixed-point requantization rounds
+    # a value on a boundary the other way.
+    assert (got - exact).abs().max() <= step * 1.0001 and (got != exact).float().mean() < 1e-3
+    # Against conv -> batch norm -> ReLU -> quantizer in float: the folded norm and the rounded
+    # bias move values by float noise and by under half a bias step, so a value near a boundary
+    # may take the neighbouring code, never a farther one.
+    assert (exact - expected).abs().max() <= step * 1.0001 and (exact != expected).float().mean() < 0.05
+
+
+def test_lsq_plus_offset_is_refused_with_its_layer_name():
+    layer = QuantLinear.from_float(nn.Linear(8, 8), _lsq(4, channels=8), LSQQuantizer(4, learnable_offset=True))
+    layer(torch.randn(4, 8))
+    with pytest.raises(ExportError, match=r"0\.input_quantizer: an LSQ\+ offset"):
+        to_integer_forms(nn.Sequential(layer.eval()))
+
+
+def test_uncalibrated_quantizer_is_refused():
+    layer = QuantLinear.from_float(nn.Linear(8, 8), _lsq(4, channels=8), _lsq(4))
+    with pytest.raises(ExportError, match="never calibrated"):
+        to_integer_forms(nn.Sequential(layer.eval()))
+
+
+# ---------------------------------------------------------------- whole detectors
+def _float(config):
+    cfg, _ = _quantized(config)
+    cfg = cfg.clone()
+    cfg.MODEL.QUANT.ENABLED = False
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+SIZES = [(96, 112), (80, 128)]  # traced on the first; the second checks dynamic height and width
+
+
+@pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
+def test_float_export_equals_pytorch(config, tmp_path):
+    _, model = _float(config)
+    path = str(tmp_path / "float.onnx")
+    export_onnx(model, path, torch.rand(1, 3, *SIZES[0]) * 255)
+    for size in SIZES:
+        image = torch.rand(1, 3, *size) * 255
+        with torch.no_grad():
+            expected = ExportedDetector(model)(image)
+        for got, ref in zip(run_ort(path, image), expected):
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Tiny W4A4A4 DETR and Deformable-DETR, calibrated, exported."""
+    out = {}
+    for config in ("detr_fp32.yaml", "deformable_detr_fp32.yaml"):
+        _, model = _quantized(config)
+        path = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
+        traced = export_onnx(model, path, torch.rand(1, 3, *SIZES[0]) * 255)
+        out[config] = (model, traced, path)
+    return out
+
+
+@pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
+def test_quantized_export_runs_integer_kernels(config, exported, tmp_path):
+    _, traced, path = exported[config]
+    ops = optimized_ops(path, tmp_path)
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    codes = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2}
+    dequantized_codes = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in codes}
+    float_matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
+                     and set(n.input) & dequantized_codes]
+    # Every quantized linear layer whose input is quantized runs as an integer MatMul: none is
+    # left computing in float on dequantized weights.
+    assert ops["MatMulIntegerToFloat"] > 0 and not float_matmuls
+    assert ops["QLinearConv"] > 0
+    if config.startswith("deformable"):
+        assert ops["GridSample"] > 0
+    int8 = [i for i in onnx.load(path).graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert int8 and all(-8 <= onnx.numpy_helper.to_array(i).min() and onnx.numpy_helper.to_array(i).max() <= 8
+                        for i in int8)
+
+
+@pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
+def test_quantized_export_matches_pytorch(config, exported):
+    model, _, path = exported[config]
+    for size in SIZES:
+        image = torch.rand(1, 3, *size) * 255
+        with torch.no_grad():
+            expected = ExportedDetector(model)(image)
+        for got, ref in zip(run_ort(path, image), expected):
+            assert got.shape == ref.shape
+            # Most outputs agree to float precision; rounding flips (module docstring) move a few.
+            close = ((got - ref).abs() <= 1e-3 + 1e-3 * ref.abs()).float().mean()
+            assert close > 0.9, f"{size}: only {close:.1%} of the outputs agree"
+
+
+def test_runtime_detector_gives_detectron2_instances(exported):
+    model, _, path = exported["detr_fp32.yaml"]
+    batch = images(1, seed=3)[0]
+    detector = OnnxRuntimeDetector(ort_session(path, threads=1), model)
+    with torch.no_grad():
+        expected = model(batch)[0]["instances"]
+    got = detector(batch)[0]["instances"]
+    assert len(got) == len(expected) and got.image_size == expected.image_size
+    # The same top detections (rounding flips aside) in Detectron2's format.
+    assert set(got.get_fields()) == set(expected.get_fields())
+    top = expected.scores.argsort(descending=True)[:5]
+    torch.testing.assert_close(got.scores.sort(descending=True).values[:5], expected.scores[top], atol=0.05, rtol=0)

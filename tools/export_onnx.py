@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Export a detector to ONNX, its quantized layers as integer operators for ONNX Runtime.
+
+    python tools/export_onnx.py --config-file configs/shapes/detr_lsq_w4a4.yaml --output out/detr_w4.onnx \\
+        MODEL.WEIGHTS output/shapes/detr_lsq_w4a4/model_final.pth
+    python tools/export_onnx.py --config-file configs/shapes/detr_lsq_w4a4.yaml --output out/detr_fp.onnx --float \\
+        MODEL.WEIGHTS output/shapes/detr_lsq_w4a4/model_final.pth
+
+MODEL.WEIGHTS is a QAT checkpoint or a packed export of tools/export_quantized.py (a float
+checkpoint also works: the quantizers are then calibrated as `--eval-only` does). `--float`
+exports the same architecture with MODEL.QUANT.ENABLED False, the baseline, from a checkpoint
+that holds float weights. The graph (aqdetr_d2/deploy/onnx_export.py):
+
+    image (1, 3, H, W) float32, dynamic H, W   ->   pred_logits (1, Q, C), pred_boxes (1, Q, 4)
+
+The tool then checks the file with onnx.checker, runs it once in ONNX Runtime against the
+PyTorch model on a test-sized image, and prints the integer kernels ONNX Runtime made of it.
+"""
+import argparse
+import collections
+import logging
+import os
+import tempfile
+
+import torch
+
+from detectron2.utils.logger import setup_logger
+
+from aqdetr_d2.config import load_config
+from aqdetr_d2.deploy import export_onnx
+from aqdetr_d2.deploy.runtime import INTEGER_OPS, ort_session
+from aqdetr_d2.engine import build_calibrated_model
+from aqdetr_d2.errors import UserInputError, user_errors_exit
+from aqdetr_d2.quant.export import is_export
+from aqdetr_d2.checkpoint.safe_load import load_torch_weights
+
+MB = 2**20
+
+
+def optimized_op_counts(path: str) -> collections.Counter:
+    """Operator counts of the graph ONNX Runtime runs (all graph optimisations on)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = os.path.join(tmp, "optimized.onnx")
+        ort_session(path, optimized_model_filepath=optimized)
+        return collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--output", required=True, metavar="FILE.onnx")
+    parser.add_argument("--float", action="store_true", help="export without quantization (the baseline)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (e.g. MODEL.WEIGHTS)")
+    args = parser.parse_args(argv)
+    import onnx
+
+    cfg = load_config(args.config_file, args.opts + (["MODEL.QUANT.ENABLED", "False"] if args.float else []))
+    if args.float and cfg.MODEL.WEIGHTS and os.path.isfile(cfg.MODEL.WEIGHTS) and \
+            is_export(load_torch_weights(cfg.MODEL.WEIGHTS).get("model")):
+        raise UserInputError(f"{cfg.MODEL.WEIGHTS} is a packed integer export and holds no float weights for "
+                             "--float; pass the QAT checkpoint it came from (or the float teacher)")
+    setup_logger(name="aqdetr_d2")
+    # A float checkpoint lacks the quantizers' state; calibration fills it in (as --eval-only).
+    logging.getLogger("fvcore.common.checkpoint").setLevel(logging.ERROR)
+    model = build_calibrated_model(cfg)
+    size = cfg.INPUT.MIN_SIZE_TEST
+    example = torch.rand(1, 3, size, size * 4 // 3) * 255
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    traced = export_onnx(model, args.output, example)
+    onnx.checker.check_model(args.output)
+
+    # One run on another size than the traced one: the height and width are dynamic.
+    image = torch.rand(1, 3, size + 16, size * 4 // 3 - 16) * 255
+    logits, boxes = ort_session(args.output).run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        ref_logits, ref_boxes = traced(image)
+    counts = optimized_op_counts(args.output)
+    integer = {op: counts[op] for op in INTEGER_OPS if counts[op]}
+    print(f"# Exported {cfg.MODEL.META_ARCHITECTURE} ({'float' if args.float else 'quantized'}) to {args.output}: "
+          f"{os.path.getsize(args.output) / MB:.3f} MB")
+    print(f"onnxruntime on a {tuple(image.shape[2:])} image: pred_logits {tuple(logits.shape)}, pred_boxes "
+          f"{tuple(boxes.shape)}; largest difference to PyTorch: logits "
+          f"{abs(torch.from_numpy(logits) - ref_logits).max():.2e}, boxes {abs(torch.from_numpy(boxes) - ref_boxes).max():.2e}")
+    print("integer kernels after onnxruntime's optimisations: "
+          + (", ".join(f"{op} x{n}" for op, n in integer.items()) or "none"))
+    print(f"float kernels left: MatMul x{counts['MatMul'] + counts['FusedMatMul']}, Conv x{counts['Conv'] + counts['FusedConv']}, "
+          f"GridSample x{counts['GridSample']}, Softmax x{counts['Softmax']}")
+
+
+if __name__ == "__main__":
+    with user_errors_exit():  # a bad checkpoint, config or layer: one line, exit 2
+        main()
