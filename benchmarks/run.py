@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Speed and size benchmarks of AQ-DETR, every figure measured in this one process.
 
-    python benchmarks/run.py [--quick] [--device cpu|cuda] [--output benchmarks/results.json]
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--onnx] [--output benchmarks/results.json]
 
 For both shapes architectures: training step time and eval latency of the float model, LSQ
 W4A4A4 and W4A4A4 + auxiliary queries + distillation (ratios against float), the packed
-export's size against the float checkpoint, and deformable attention against its reference.
+export's size against the float checkpoint, and deformable attention against its reference; with --onnx also onnxruntime latency and file size
+of the float and W4A4A4 ONNX exports, for the shapes models and the R50 models at 800x1333
+(benchmarks/onnx_runtime.py).
 Writes JSON and a markdown table next to it and prints the table. Compare figures only
 within one run: the machines are shared, so absolute times drift but ratios hold.
 """
@@ -31,6 +33,7 @@ from aqdetr_d2.engine import build_detr_optimizer, initialize_quantizers
 from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
 from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
 from aqdetr_d2.quant import export_quantized
+from onnx_runtime import bench_onnx, onnx_markdown  # benchmarks/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Architecture -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
@@ -156,10 +159,14 @@ def bench_architecture(arch, configs, device, repeats, workdir):
 
 
 def markdown(results):
-    lines = [f"Device: {results['device']} ({results['machine']}), torch {results['torch']}, "
+    header = [f"Device: {results['device']} ({results['machine']}), torch {results['torch']}, "
              f"threads {results['threads']}, GLIBC_TUNABLES `{results.get('glibc_tunables') or 'unset'}`. "
-             f"Command: `{results['command']}`", "",
-             "| model | batch | train s/step | train vs float | eval s/img | eval vs float | peak train MB | params |",
+             f"Command: `{results['command']}`", ""]
+    if "onnx" in results:
+        header += [onnx_markdown(results["onnx"]), ""]
+    if not results["models"]:
+        return "\n".join(header)
+    lines = header + ["| model | batch | train s/step | train vs float | eval s/img | eval vs float | peak train MB | params |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["models"]:
         peak = "n/a (CPU)" if r["peak_train_memory_mb"] is None else f"{r['peak_train_memory_mb']:.0f}"
@@ -180,6 +187,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (under 5 minutes on 2 CPU cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--onnx", action="store_true", help="add onnxruntime latency / size of the ONNX exports")
+    parser.add_argument("--onnx-only", action="store_true", help="measure only the ONNX exports")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -193,11 +202,15 @@ def main():
                "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
                "models": [], "export": {}}
     with tempfile.TemporaryDirectory() as workdir:
-        for arch, configs in CONFIGS.items():
+        for arch, configs in ({} if args.onnx_only else CONFIGS).items():
             rows, export = bench_architecture(arch, configs, args.device, repeats, workdir)
             results["models"] += rows
             results["export"][arch] = export
-    results["deform_attn"] = bench_deform_attn(args.device, args.quick)
+        if args.onnx or args.onnx_only:
+            results["onnx"] = bench_onnx(workdir, repeats)
+            results["onnx_threads"] = os.cpu_count()
+    if not args.onnx_only:
+        results["deform_attn"] = bench_deform_attn(args.device, args.quick)
     if args.device == "cuda":
         results["machine"] = torch.cuda.get_device_name()
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)

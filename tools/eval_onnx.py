@@ -34,7 +34,8 @@ def main(argv=None):
     setup_logger(name="detectron2")
     logging.getLogger("aqdetr_d2").info("evaluating %s with onnxruntime on %s", args.onnx, cfg.DATASETS.TEST)
     AQDETRTrainer.check_test_datasets(cfg)
-    detector = OnnxRuntimeDetector(ort_session(args.onnx, args.threads), AQDETRTrainer.build_model(cfg))
+    detector = OnnxRuntimeDetector(ort_session(args.onnx, args.threads), AQDETRTrainer.build_model(cfg),
+                                   check_size=cfg.INPUT.MIN_SIZE_TEST)
     return AQDETRTrainer.test(cfg, detector)
 
 

@@ -7,19 +7,22 @@ ONNX export of AQDETR / AQDeformableDETR: one image in, the raw predictions out.
     pred_boxes   float32 (1, Q, 4): normalised (cx, cy, w, h)
 
 A quantized model is first rewritten into its integer forms (`qdq.to_integer_forms`), so its
-weights are stored as integer codes and its quantizers become Q / DQ pairs. The float parts
-(see README, "Deploy") are traced as they are.
+weights are stored as integer codes and its quantizers become Q / DQ pairs; codes of 4 bits or
+fewer are then stored as INT4 (`int4.pack_int4`, opset 21). The float parts (see README,
+"Deploy") are traced as they are.
 """
 import copy
 import warnings
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
+import onnx
 import torch
 from torch import Tensor, nn
 
 from detectron2.structures import ImageList
 
 from ..quant import QuantizerBase
+from .int4 import pack_int4
 from .qdq import to_integer_forms
 
 # QuantizeLinear / DequantizeLinear per axis (13), Clip on integers (12); 17 is what
@@ -48,10 +51,11 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizerBase) and m.enabled for m in model.modules())
 
 
-def export_onnx(model: nn.Module, path: str, example: Tensor) -> nn.Module:
+def export_onnx(model: nn.Module, path: str, example: Tensor, metadata: Optional[Dict[str, str]] = None) -> nn.Module:
     """Write `model` (an eval-mode detector, fake-quantized or float) to `path` as ONNX, traced
-    on `example` (1, 3, H, W). Returns the traced module (integer forms in place), whose outputs
-    are what the graph computes; the model itself is left unchanged."""
+    on `example` (1, 3, H, W), with `metadata` as the file's metadata_props. Returns the traced
+    module (integer forms in place), whose outputs are what the graph computes; the model
+    itself is left unchanged."""
     if model.training:
         raise ValueError("export an eval-mode model (auxiliary queries and dropout are training-only)")
     exported = ExportedDetector(to_integer_forms(copy.deepcopy(model))).eval()
@@ -62,4 +66,9 @@ def export_onnx(model: nn.Module, path: str, example: Tensor) -> nn.Module:
         torch.onnx.export(exported, (example,), path, dynamo=False, opset_version=OPSET,
                           input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                           dynamic_axes={"image": {2: "height", 3: "width"}}, do_constant_folding=True)
+    onnx_model = onnx.load(path)
+    if is_quantized(model):
+        onnx_model = pack_int4(onnx_model)
+    onnx.helper.set_model_props(onnx_model, dict(metadata or {}))
+    onnx.save(onnx_model, path)
     return exported

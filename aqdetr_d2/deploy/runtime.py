@@ -6,15 +6,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UserInputError
+
 # Operators through which ONNX Runtime computes in integers (after its QDQ fusions).
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
                "MatMulNBits", "QLinearAdd", "QLinearMul")
 
 
+class OnnxFileError(UserInputError):
+    """An ONNX file that is missing, or that is not a graph of the config's model."""
+
+
 def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepath: Optional[str] = None):
     """An onnxruntime CPU session of `path` with every graph optimisation (the QDQ fusions among
-    them) and `threads` intra-op threads (default: onnxruntime's own choice)."""
+    them) and `threads` intra-op threads (default: onnxruntime's own choice). INT4 weight codes
+    are widened to INT8 first, which onnxruntime's integer kernels take (see `int4`)."""
+    import onnx
     import onnxruntime as ort
+
+    from .int4 import widen_int4
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -23,8 +33,9 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepa
     if optimized_model_filepath:
         options.optimized_model_filepath = optimized_model_filepath
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"ONNX file {path} does not exist; write it with tools/export_onnx.py")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        raise OnnxFileError(f"ONNX file {path} does not exist; write it with tools/export_onnx.py")
+    model = widen_int4(onnx.load(path))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRuntimeDetector(nn.Module):
@@ -35,10 +46,31 @@ class OnnxRuntimeDetector(nn.Module):
     `inference` turns (pred_logits, pred_boxes) into Instances, so both paths share it.
     """
 
-    def __init__(self, session, postprocess: nn.Module):
+    def __init__(self, session, postprocess: nn.Module, check_size: int = 128):
         super().__init__()
         self.session = session
         self.postprocess = postprocess.eval()
+        self._check_matches(session, self.postprocess, check_size)
+
+    @staticmethod
+    @torch.no_grad()
+    def _check_matches(session, model: nn.Module, size: int):
+        """Refuse a graph of another model: its architecture (from the file's metadata) and the
+        shapes of its outputs on a `size` x `size` image must be those of the config's model."""
+        from detectron2.structures import ImageList
+
+        exported_arch = session.get_modelmeta().custom_metadata_map.get("meta_architecture")
+        if exported_arch and exported_arch != type(model).__name__:
+            raise OnnxFileError(f"the ONNX file is a {exported_arch} and the config builds a {type(model).__name__}; "
+                                "pass the config the file was exported with")
+        image = torch.zeros(1, 3, size, size)
+        expected = model.predict(ImageList(image.to(model.device), [(size, size)]))
+        got = session.run(None, {"image": image.numpy()})
+        for out, value in zip(session.get_outputs(), got):
+            want = tuple(expected[out.name].shape)
+            if value.shape != want:
+                raise OnnxFileError(f"the ONNX file's {out.name} is {value.shape} but the config's model gives {want}: "
+                                    "queries or classes differ; pass the config the file was exported with")
 
     def forward(self, batched_inputs: List[Dict]):
         from detectron2.modeling.postprocessing import detector_postprocess

@@ -38,10 +38,9 @@ def run_ort(path, *inputs, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
 
 
 def optimized_ops(path, tmp_path):
+    """Operator counts of the graph onnxruntime runs, loaded as `ort_session` loads it."""
     optimized = str(tmp_path / "optimized.onnx")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = optimized
-    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ort_session(path, optimized_model_filepath=optimized)
     return collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
 
 
@@ -222,9 +221,8 @@ def test_quantized_export_runs_integer_kernels(config, exported, tmp_path):
     assert ops["QLinearConv"] > 0
     if config.startswith("deformable"):
         assert ops["GridSample"] > 0
-    int8 = [i for i in onnx.load(path).graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert int8 and all(-8 <= onnx.numpy_helper.to_array(i).min() and onnx.numpy_helper.to_array(i).max() <= 8
-                        for i in int8)
+    int4 = [i for i in onnx.load(path).graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) >= len(codes) // 2  # on disk, 4-bit codes are INT4 (a few batch-norm-negated ones int8)
 
 
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
