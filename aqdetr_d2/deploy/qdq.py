@@ -229,8 +229,12 @@ class DequantConv2d(nn.Module):
             self.codes = None
         else:
             codes, scale, zero_point = packed
-            if bool((norm_scale < 0).any()) and bool(zero_point.any()):
+            negative = norm_scale < 0
+            if bool(negative.any()) and bool(zero_point.any()):
                 raise ExportError(f"{name}: a negative batch-norm scale cannot fold into asymmetric weight codes")
+            if bool((codes[negative] == -128).any()):
+                raise ExportError(f"{name}: an 8-bit weight code -128 in a channel whose batch-norm scale is negative "
+                                  "has no int8 negation; export this layer with MODEL.QUANT.KEEP_FP_PATTERNS")
             sign = torch.where(norm_scale < 0, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
             self.register_buffer("codes", (codes.to(torch.int16) * sign).to(torch.int8))
             self.register_buffer("scale", scale * norm_scale.abs())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# onnxruntime AP against train_net.py --eval-only on the same weights, shapes_val (1000 images).
+# The weights: each committed shapes teacher with its quantizers calibrated (post-training, SEED 1),
+# saved once as a packed export, which both paths then read. Logs land beside this script.
+set -euo pipefail
+B="MODEL.BACKBONE.NAME build_narrow_resnet_backbone MODEL.RESNETS.STEM_OUT_CHANNELS 32 MODEL.RESNETS.RES2_OUT_CHANNELS 32"
+OUT=${OUT:-output/deploy_check}
+DOCS=docs/deploy
+for arch in detr deformable_detr; do
+  teacher=docs/quickstart/${arch%_detr}_teacher.pth
+  for p in w4a4 w2a2; do
+    cfg=configs/shapes/${arch}_lsq_$p.yaml
+    run=$OUT/${arch}_$p
+    mkdir -p $run
+    python tools/export_quantized.py --config-file $cfg --output $run/packed.pth $B MODEL.WEIGHTS $teacher SEED 1 > $run/export.log 2>&1
+    python tools/export_onnx.py --config-file $cfg --output $run/model.onnx $B MODEL.WEIGHTS $run/packed.pth > $DOCS/${arch}_${p}_export_onnx.log 2>&1
+    python tools/eval_onnx.py --config-file $cfg --onnx $run/model.onnx $B OUTPUT_DIR $run/ort 2>&1 | grep "copypaste" > $DOCS/${arch}_${p}_onnxruntime.log
+    python projects/AQDETR/train_net.py --config-file $cfg --eval-only $B MODEL.WEIGHTS $run/packed.pth OUTPUT_DIR $run/torch 2>&1 | grep "copypaste" > $DOCS/${arch}_${p}_eval_only.log
+  done
+done
