@@ -112,3 +112,18 @@ def grid_table(results_list: List[dict]) -> str:
 
 def find_row(results: dict, key: str) -> Optional[dict]:
     return next((r for r in results["rows"] if r.get("key") == key), None)
+
+
+def zoo_table(entries: List[dict]) -> str:
+    """Markdown table of model-zoo entries (docs/models/<name>/metrics.json of tools/zoo_entry.py)."""
+    lines = ["| model | arch | precision | AP | AP50 | AP75 | file MB | ORT latency vs float | weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(entries, key=lambda e: e["name"]):
+        folder = f"docs/models/{e['name']}"
+        onnx = e.get("onnx") or {}
+        latency = (f"{onnx['latency_s'] * 1e3:.0f} / {onnx['float_latency_s'] * 1e3:.0f} ms "
+                   f"({onnx['latency_s'] / onnx['float_latency_s']:.2f}x)") if onnx else "-"
+        lines.append(f"| [{e['name']}]({folder}/config.yaml) | {e['meta_architecture']} | {e['precision']} | "
+                     f"{e['AP']:.1f} | {e['AP50']:.1f} | {e['AP75']:.1f} | {e['model_mb']:.2f} | {latency} | "
+                     f"[model.pth]({folder}/model.pth) |")
+    return "\n".join(lines)

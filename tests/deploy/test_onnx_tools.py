@@ -1,5 +1,6 @@
 """tools/export_onnx.py and tools/eval_onnx.py, run as subprocesses like a user would, on the
 committed DETR teacher quantized W4A4A4 (post-training) and 24 shapes_val images."""
+import json
 import os
 import re
 import subprocess
@@ -99,3 +100,20 @@ def test_onnx_file_of_another_model_is_refused(project_root, exported, small_val
     classes = run(project_root, "tools/eval_onnx.py", "--config-file", CONFIG, "--onnx", path, *BACKBONE, *small_val,
                   "MODEL.DETR.NUM_OBJECT_QUERIES", "20")
     assert classes.returncode == 2 and "queries or classes differ" in classes.stderr
+
+
+def test_zoo_entry_evaluates_as_written_and_renders(project_root, small_val, tmp_path):
+    from aqdetr_d2.utils.results import zoo_table
+
+    result = run(project_root, "tools/zoo_entry.py", "--name", "detr_w4a4_ptq", "--config-file", CONFIG,
+                 "--made-by", "post-training quantization of the committed teacher", "--root", str(tmp_path),
+                 *BACKBONE, *small_val, "MODEL.WEIGHTS", TEACHER, "SEED", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = tmp_path / "detr_w4a4_ptq"
+    metrics = json.loads((entry / "metrics.json").read_text())
+    assert {"config.yaml", "model.pth", "metrics.json"} <= {p.name for p in entry.iterdir()}
+    # The entry's own command, run again by hand, gives the AP it records.
+    again = run(project_root, *metrics["eval_command"].split()[1:], "OUTPUT_DIR", str(tmp_path / "again"))
+    assert again.returncode == 0 and copypaste_ap(again.stdout + again.stderr) == metrics["AP"]
+    assert metrics["onnx"]["mb"] < metrics["onnx"]["float_mb"] / 3
+    assert "[detr_w4a4_ptq](docs/models/detr_w4a4_ptq/config.yaml) | AQDETR | W4A4A4 |" in zoo_table([metrics])

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Make a model-zoo entry: docs/models/<name>/ with config.yaml, model.pth and metrics.json.
+
+    python tools/zoo_entry.py --name detr_shapes_w4a4_aq --config-file configs/shapes/picked/detr_w4a4_aq.yaml \\
+        --made-by "python tools/quickstart.py --precision w4a4 ..." MODEL.WEIGHTS output/.../model_final.pth
+
+From a quantization-aware checkpoint (MODEL.WEIGHTS) it writes
+- model.pth: the packed integer export (tools/export_quantized.py);
+- config.yaml: the full config, MODEL.WEIGHTS pointing at model.pth, so that
+  `train_net.py --eval-only --config-file docs/models/<name>/config.yaml MODEL.WEIGHTS docs/models/<name>/model.pth`
+  works as written; the tool runs exactly that command and reads its AP;
+- metrics.json: AP, AP50, AP75 of that command, the command, `--made-by` (how the checkpoint
+  was trained), the file size, and onnxruntime latency and file size of the quantized ONNX
+  export against the float one (tools/export_onnx.py; the float export from the same
+  checkpoint's float weights), at batch 1 on a test-sized image, this machine's threads.
+README's model-zoo table is generated from the metrics.json files (tools/results_tables.py).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from aqdetr_d2.config import load_config
+from aqdetr_d2.errors import UserInputError, user_errors_exit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MB = 2**20
+
+
+def run(*args) -> str:
+    """Run a project script with this interpreter; its output, or a one-line error naming it."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserInputError(f"{' '.join(args[:1])} failed: {tail}")
+    return result.stdout + result.stderr
+
+
+def ort_latency(path: str, size, repeats: int = 10) -> float:
+    import statistics
+    import time
+
+    from aqdetr_d2.deploy.runtime import ort_session
+
+    session = ort_session(path)
+    feed = {"image": (torch.rand(1, 3, *size) * 255).numpy()}
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        session.run(None, feed)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="folder name under docs/models (arch, precision, recipe)")
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--made-by", required=True, help="the command that trained MODEL.WEIGHTS")
+    parser.add_argument("--root", default=os.path.join(ROOT, "docs", "models"), help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, MODEL.WEIGHTS among them")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[a-z0-9_]+", args.name):
+        raise UserInputError(f"--name {args.name!r}: use lower-case letters, digits and underscores")
+    cfg = load_config(args.config_file, args.opts)
+    if not cfg.MODEL.QUANT.ENABLED or not cfg.MODEL.WEIGHTS:
+        raise UserInputError("a zoo entry is a quantized model: pass its quantized config and MODEL.WEIGHTS")
+    entry = os.path.join(args.root, args.name)
+    os.makedirs(entry, exist_ok=True)
+    rel = os.path.relpath(entry, ROOT)
+    model_path, config_path = f"{rel}/model.pth", f"{rel}/config.yaml"
+
+    # The teacher and the auxiliary queries are for training only: an entry needs neither file.
+    training_only = ["MODEL.DISTILL.ENABLED", "False", "MODEL.AUX_QUERIES.ENABLED", "False"]
+    run("tools/export_quantized.py", "--config-file", args.config_file, "--output", model_path, *args.opts,
+        *training_only)
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = model_path
+    cfg.OUTPUT_DIR = f"output/models/{args.name}"
+    cfg.merge_from_list(training_only)
+    with open(config_path, "w") as f:
+        f.write(cfg.dump())
+    eval_command = ["projects/AQDETR/train_net.py", "--eval-only", "--config-file", config_path,
+                    "MODEL.WEIGHTS", model_path]
+    found = re.findall(r"copypaste: ([\d.]+),([\d.]+),([\d.]+),", run(*eval_command))
+    if not found:
+        raise UserInputError(f"{config_path}: the evaluation printed no AP")
+    ap, ap50, ap75 = map(float, found[-1])
+
+    size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST * 4 // 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized, float_onnx = os.path.join(tmp, "quantized.onnx"), os.path.join(tmp, "float.onnx")
+        run("tools/export_onnx.py", "--config-file", config_path, "--output", quantized)
+        run("tools/export_onnx.py", "--config-file", args.config_file, "--output", float_onnx, "--float", *args.opts,
+            *training_only)
+        onnx_metrics = {"image": list(size), "threads": os.cpu_count(),
+                        "float_latency_s": ort_latency(float_onnx, size), "latency_s": ort_latency(quantized, size),
+                        "float_mb": os.path.getsize(float_onnx) / MB, "mb": os.path.getsize(quantized) / MB}
+    metrics = {"name": args.name, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+               "precision": f"W{cfg.MODEL.QUANT.WEIGHT_BITS}A{cfg.MODEL.QUANT.ACT_BITS}A{cfg.MODEL.QUANT.ATTN_BITS}",
+               "dataset": cfg.DATASETS.TEST[0], "AP": ap, "AP50": ap50, "AP75": ap75,
+               "eval_command": "python " + " ".join(eval_command), "made_by": args.made_by,
+               "model_mb": os.path.getsize(model_path) / MB, "onnx": onnx_metrics}
+    with open(os.path.join(entry, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    with user_errors_exit():  # a bad checkpoint, config or name: one line, exit 2
+        main()
