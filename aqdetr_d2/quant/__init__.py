@@ -6,7 +6,6 @@ from .attention import (
     MHA_POINTS,
     QUANT_POINTS,
     QuantPoint,
-    attention_quantizers,
     install_quantizers,
     point_quantizer,
 )
@@ -42,7 +41,6 @@ __all__ = [
     "QuantLinear",
     "QuantPoint",
     "QuantizerBase",
-    "attention_quantizers",
     "build_quantizer",
     "calibrate",
     "calibration",

@@ -15,7 +15,7 @@ is formed; quantizing attention is then a module swap of those attributes:
 Sampling locations get no quantization point: they stay in floating point.
 """
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 from torch import nn
 
@@ -57,20 +57,6 @@ def point_quantizer(
     if per_head:
         kwargs.update(granularity="head", ch_axis=spec.head_axis, num_channels=num_heads)
     return build_quantizer(quantizer, bits, signed=spec.signed, **kwargs)
-
-
-def attention_quantizers(
-    bits: int,
-    quantizer: str = "lsq",
-    num_heads: Optional[int] = None,
-    per_head: bool = True,
-    points: Iterable[str] = MHA_POINTS,
-) -> Dict[str, nn.Module]:
-    """
-    Quantizers for the points of one attention module: by default q, k, v (signed) and the
-    softmax output (unsigned), per head (num_heads should be given under DDP) or per tensor.
-    """
-    return {p: point_quantizer(p, bits, quantizer, num_heads, per_head) for p in points}
 
 
 def install_quantizers(module: nn.Module, quantizers: Dict[str, nn.Module]) -> nn.Module:

@@ -4,7 +4,12 @@ import copy
 import pytest
 import torch
 
-from aqdetr_d2.quant import attention_quantizers, install_quantizers
+from aqdetr_d2.quant import MHA_POINTS, install_quantizers, point_quantizer
+
+
+def attention_quantizers(bits, quantizer="lsq", num_heads=None, per_head=True, points=MHA_POINTS):
+    """One quantizer per point of a multi-head attention module, as quantize_model installs them."""
+    return {p: point_quantizer(p, bits, quantizer, num_heads, per_head) for p in points}
 
 
 def _inputs():
