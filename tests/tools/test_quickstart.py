@@ -200,11 +200,11 @@ def test_teacher_schedules(quickstart):
     # Deformable-DETR: the schedule its committed teacher was trained with (docs/quickstart/README.md).
     assert opts("deformable") == {"SOLVER.MAX_ITER": "3500", "SOLVER.STEPS": "(3000,)", "TEST.EVAL_PERIOD": "700",
                                   "SOLVER.CHECKPOINT_PERIOD": "700"}
-    # DETR: the converged teacher's schedule, evaluated 20 times for its curve.
-    assert opts("detr") == {"SOLVER.MAX_ITER": "10000", "SOLVER.STEPS": "(6000,)", "TEST.EVAL_PERIOD": "500",
+    # DETR: the committed teacher's schedule, two drops, evaluated 36 times for its curve.
+    assert opts("detr") == {"SOLVER.MAX_ITER": "18000", "SOLVER.STEPS": "(6000, 12000,)", "TEST.EVAL_PERIOD": "500",
                             "SOLVER.CHECKPOINT_PERIOD": "500"}
-    # --teacher-iters keeps the learning-rate drop at the same fraction of the run.
-    assert opts("detr", 1800)["SOLVER.STEPS"] == "(1080,)" and opts("detr", 1800)["TEST.EVAL_PERIOD"] == "90"
+    # --teacher-iters keeps the learning-rate drops at the same fractions of the run.
+    assert opts("detr", 1800)["SOLVER.STEPS"] == "(600, 1200,)" and opts("detr", 1800)["TEST.EVAL_PERIOD"] == "50"
 
 
 def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch):
