@@ -63,6 +63,9 @@ def export_onnx(model: nn.Module, path: str, example: Tensor, metadata: Optional
         # The TorchScript exporter is deprecated, but the torch.export one cannot trace the
         # Q / DQ symbolics that carry the integer codes (torch 2.14).
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # The tracer's notes on Python values (the fixed number of levels, layers and queries) are
+        # what is meant: the image size stays dynamic (checked at two sizes by the tests).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(exported, (example,), path, dynamo=False, opset_version=OPSET,
                           input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                           dynamic_axes={"image": {2: "height", 3: "width"}}, do_constant_folding=True)
