@@ -5,8 +5,6 @@ sizes must exist, so they are calibrated on two random images of the benchmark's
 model runs at batch 1 in a session with onnxruntime's default threads (this machine's cores).
 """
 import os
-import statistics
-import time
 
 import torch
 
@@ -14,7 +12,7 @@ from detectron2.modeling import build_model
 
 from aqdetr_d2.config import load_config
 from aqdetr_d2.deploy import export_onnx
-from aqdetr_d2.deploy.runtime import ort_session
+from aqdetr_d2.deploy.runtime import session_latency
 from aqdetr_d2.quant import calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,19 +26,6 @@ MODELS = {
     "Deformable-DETR-R50": ("configs/coco/deformable_detr_r50_fp32.yaml",
                             "configs/coco/deformable_detr_r50_lsq_w4a4.yaml", (800, 1333)),
 }
-
-
-def _latency(path: str, image: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one session run after two warm-up runs."""
-    session = ort_session(path)
-    feed = {"image": image.numpy()}
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        session.run(None, feed)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _model(config: str, size):
@@ -63,7 +48,7 @@ def bench_onnx(workdir: str, repeats: int, models=MODELS):
             path = os.path.join(workdir, f"{name}_{fmt}.onnx".replace(" ", "_"))
             export_onnx(_model(config, size), path, image)
             rows.append({"model": name, "format": fmt, "image": list(size),
-                         "latency_s": _latency(path, image, repeats), "file_mb": os.path.getsize(path) / 2**20})
+                         "latency_s": session_latency(path, image.numpy(), repeats), "file_mb": os.path.getsize(path) / 2**20})
     return rows
 
 

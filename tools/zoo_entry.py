@@ -26,6 +26,7 @@ import tempfile
 import torch
 
 from aqdetr_d2.config import load_config
+from aqdetr_d2.deploy.runtime import session_latency
 from aqdetr_d2.errors import UserInputError, user_errors_exit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,23 +40,6 @@ def run(*args) -> str:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserInputError(f"{' '.join(args[:1])} failed: {tail}")
     return result.stdout + result.stderr
-
-
-def ort_latency(path: str, size, repeats: int = 10) -> float:
-    import statistics
-    import time
-
-    from aqdetr_d2.deploy.runtime import ort_session
-
-    session = ort_session(path)
-    feed = {"image": (torch.rand(1, 3, *size) * 255).numpy()}
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        session.run(None, feed)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -94,13 +78,14 @@ def main(argv=None):
     ap, ap50, ap75 = map(float, found[-1])
 
     size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST * 4 // 3)
+    image = (torch.rand(1, 3, *size) * 255).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         quantized, float_onnx = os.path.join(tmp, "quantized.onnx"), os.path.join(tmp, "float.onnx")
         run("tools/export_onnx.py", "--config-file", config_path, "--output", quantized)
         run("tools/export_onnx.py", "--config-file", args.config_file, "--output", float_onnx, "--float", *args.opts,
             *training_only)
         onnx_metrics = {"image": list(size), "threads": os.cpu_count(),
-                        "float_latency_s": ort_latency(float_onnx, size), "latency_s": ort_latency(quantized, size),
+                        "float_latency_s": session_latency(float_onnx, image), "latency_s": session_latency(quantized, image),
                         "float_mb": os.path.getsize(float_onnx) / MB, "mb": os.path.getsize(quantized) / MB}
     metrics = {"name": args.name, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
                "precision": f"W{cfg.MODEL.QUANT.WEIGHT_BITS}A{cfg.MODEL.QUANT.ACT_BITS}A{cfg.MODEL.QUANT.ATTN_BITS}",

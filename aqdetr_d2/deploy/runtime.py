@@ -38,6 +38,21 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepa
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def session_latency(path: str, image: np.ndarray, repeats: int = 10) -> float:
+    """Median seconds of one `ort_session` run of `image` (1, 3, H, W), after two warm-up runs."""
+    import statistics
+    import time
+
+    session = ort_session(path)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        session.run(None, {"image": image})
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 class OnnxRuntimeDetector(nn.Module):
     """Detectron2's model interface over an onnxruntime session of `tools/export_onnx.py`'s graph.
 

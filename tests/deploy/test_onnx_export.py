@@ -180,18 +180,24 @@ def _float(config):
 SIZES = [(96, 112), (80, 128)]  # traced on the first; the second checks dynamic height and width
 
 
-@pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
-def test_float_export_equals_pytorch(config, tmp_path):
-    _, model = _float(config)
-    path = str(tmp_path / "float.onnx")
-    export_onnx(model, path, torch.rand(1, 3, *SIZES[0]) * 255)
+def outputs_at_each_size(model, path):
+    """(onnxruntime output, PyTorch output) pairs, both outputs, on a random image of each size."""
     for size in SIZES:
         image = torch.rand(1, 3, *size) * 255
         with torch.no_grad():
             expected = ExportedDetector(model)(image)
         for got, ref in zip(run_ort(path, image), expected):
             assert got.shape == ref.shape
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            yield size, got, ref
+
+
+@pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
+def test_float_export_equals_pytorch(config, tmp_path):
+    _, model = _float(config)
+    path = str(tmp_path / "float.onnx")
+    export_onnx(model, path, torch.rand(1, 3, *SIZES[0]) * 255)
+    for _, got, ref in outputs_at_each_size(model, path):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -228,15 +234,10 @@ def test_quantized_export_runs_integer_kernels(config, exported, tmp_path):
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])
 def test_quantized_export_matches_pytorch(config, exported):
     model, _, path = exported[config]
-    for size in SIZES:
-        image = torch.rand(1, 3, *size) * 255
-        with torch.no_grad():
-            expected = ExportedDetector(model)(image)
-        for got, ref in zip(run_ort(path, image), expected):
-            assert got.shape == ref.shape
-            # Most outputs agree to float precision; rounding flips (module docstring) move a few.
-            close = ((got - ref).abs() <= 1e-3 + 1e-3 * ref.abs()).float().mean()
-            assert close > 0.9, f"{size}: only {close:.1%} of the outputs agree"
+    for size, got, ref in outputs_at_each_size(model, path):
+        # Most outputs agree to float precision; rounding flips (module docstring) move a few.
+        close = ((got - ref).abs() <= 1e-3 + 1e-3 * ref.abs()).float().mean()
+        assert close > 0.9, f"{size}: only {close:.1%} of the outputs agree"
 
 
 def test_runtime_detector_gives_detectron2_instances(exported):
