@@ -330,7 +330,7 @@ def numerics_note(rows) -> str:
 
 def write_results(args, rows):
     from aqdetr_d2.utils.results import rows_table
-    from aqdetr_d2.utils.visualization import ablation_bar_chart
+    from aqdetr_d2.utils.charts import ablation_bar_chart
 
     results = {"args": vars(args), "rows": rows}
     lines = [f"Command: `python tools/quickstart.py {' '.join(sys.argv[1:])}`", "", rows_table(results), "",

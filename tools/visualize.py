@@ -47,6 +47,7 @@ from aqdetr_d2.data import DetrDatasetMapper
 from aqdetr_d2.distill.teacher import build_teacher
 from aqdetr_d2.engine import build_calibrated_model
 from aqdetr_d2.layers.box_ops import box_cxcywh_to_xyxy
+from aqdetr_d2.utils import charts
 from aqdetr_d2.utils import visualization as vis
 from aqdetr_d2.errors import user_errors_exit
 
@@ -217,12 +218,12 @@ def cmd_histograms(args) -> str:
     for item in inputs:
         for key, model in (("teacher", teacher), ("student", student)):
             _, outputs = run_predict(model, [item])
-            states[key].append(vis.query_hidden_states(outputs)[:, 0].float().cpu())  # (L, Q, C)
+            states[key].append(charts.query_hidden_states(outputs)[:, 0].float().cpu())  # (L, Q, C)
     teacher_hs = torch.stack(states["teacher"], 1)  # (L, N, Q, C)
     student_hs = torch.stack(states["student"], 1)
     # Two-stage teacher and student pick different proposals: their queries do not pair up.
     paired = not is_two_stage(student)
-    stats = vis.query_histograms([t.numpy() for t in teacher_hs], [s.numpy() for s in student_hs], args.output,
+    stats = charts.query_histograms([t.numpy() for t in teacher_hs], [s.numpy() for s in student_hs], args.output,
                                  labels=("teacher fp32", f"student {vis.describe_precision(cfg)}"),
                                  paired=paired, bins=args.bins,
                                  title=f"{cfg.MODEL.META_ARCHITECTURE}: decoder query values, "

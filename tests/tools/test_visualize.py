@@ -17,7 +17,8 @@ from PIL import Image
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from aqdetr_d2.utils.visualization import ablation_bar_chart, capture_deformable_sampling
+from aqdetr_d2.utils.charts import ablation_bar_chart
+from aqdetr_d2.utils.visualization import capture_deformable_sampling
 
 from train_net_helpers import load_script
 
