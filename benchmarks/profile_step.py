@@ -23,11 +23,13 @@ import argparse
 import functools
 import os
 import sys
+import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
 
 import aqdetr_d2.modeling.meta_arch as meta_arch
 from aqdetr_d2.data import DetrDatasetMapper
@@ -35,9 +37,7 @@ from aqdetr_d2.distill.distiller import LayerDistiller
 from aqdetr_d2.engine import build_detr_optimizer
 from aqdetr_d2.quant import QuantizerBase
 from aqdetr_d2.quant.attention import QUANT_POINTS
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CONFIGS, _build, _cfg, _variants  # noqa: E402  (the benchmark's own models)
+from run import CONFIGS, _build, _cfg, _variants  # benchmarks/run.py, beside this script
 
 PARTS = ["weight quantizers", "activation quantizers", "attention quantizers", "quantizer backward",
          "teacher forward", "distillation losses", "auxiliary-query losses", "detection loss"]
@@ -163,9 +163,6 @@ def main():
     parser.add_argument("--output", help="markdown file to write")
     args = parser.parse_args()
     configs = CONFIGS["DETR" if args.arch == "detr" else "Deformable-DETR"]
-    import tempfile
-
-    from detectron2.modeling import build_model
     with tempfile.TemporaryDirectory() as workdir:
         teacher = os.path.join(workdir, "float.pth")
         torch.manual_seed(0)

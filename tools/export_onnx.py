@@ -24,27 +24,26 @@ import logging
 import os
 import tempfile
 
+import onnx
 import torch
 
 from detectron2.utils.logger import setup_logger
 
+from aqdetr_d2.checkpoint import AQDETRCheckpointer
+from aqdetr_d2.checkpoint.safe_load import load_torch_weights
 from aqdetr_d2.config import load_config
 from aqdetr_d2.deploy import export_onnx
 from aqdetr_d2.deploy.runtime import INTEGER_OPS, ort_session
-from aqdetr_d2.checkpoint import AQDETRCheckpointer
 from aqdetr_d2.engine import AQDETRTrainer, initialize_quantizers
 from aqdetr_d2.engine.calibration import uninitialized_quantizers
 from aqdetr_d2.errors import UserInputError, user_errors_exit
 from aqdetr_d2.quant.export import is_export
-from aqdetr_d2.checkpoint.safe_load import load_torch_weights
 
 MB = 2**20
 
 
 def optimized_op_counts(path: str) -> collections.Counter:
     """Operator counts of the graph ONNX Runtime runs (all graph optimisations on)."""
-    import onnx
-
     with tempfile.TemporaryDirectory() as tmp:
         optimized = os.path.join(tmp, "optimized.onnx")
         ort_session(path, optimized_model_filepath=optimized)
@@ -60,7 +59,6 @@ def main(argv=None):
                         help="calibrate step sizes that MODEL.WEIGHTS lacks (post-training quantization)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (e.g. MODEL.WEIGHTS)")
     args = parser.parse_args(argv)
-    import onnx
 
     cfg = load_config(args.config_file, args.opts + (["MODEL.QUANT.ENABLED", "False"] if args.float else []))
     if args.float and cfg.MODEL.WEIGHTS and os.path.isfile(cfg.MODEL.WEIGHTS) and \

@@ -25,22 +25,26 @@ def _source(producers, name: str) -> str:
     return name
 
 
-def _weight_dequantizers(graph: onnx.GraphProto, dtype: int):
+def _producers(graph: onnx.GraphProto) -> dict:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _weight_dequantizers(graph: onnx.GraphProto, dtype: int, producers: dict):
     """{initializer name: [DequantizeLinear nodes reading it]} for `dtype` initializers of >= 2 dims."""
     inits = {i.name: i for i in graph.initializer if i.data_type == dtype and len(i.dims) >= 2}
-    producers = {o: n for n in graph.node for o in n.output}
     readers = {}
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and _source(producers, node.input[0]) in inits:
-            readers.setdefault(_source(producers, node.input[0]), []).append(node)
+        if node.op_type == "DequantizeLinear":
+            source = _source(producers, node.input[0])
+            if source in inits:
+                readers.setdefault(source, []).append(node)
     return inits, readers
 
 
-def _zero(graph: onnx.GraphProto, name: str) -> bool:
+def _zero(name: str, producers: dict, initializers: dict) -> bool:
     """Whether tensor `name` is a constant of zeros (an initializer or a Constant node)."""
-    producers = {o: n for n in graph.node for o in n.output}
     name = _source(producers, name)
-    init = next((i for i in graph.initializer if i.name == name), None)
+    init = initializers.get(name)
     if init is None:
         node = producers.get(name)
         init = None if node is None or node.op_type != "Constant" else next(
@@ -52,10 +56,12 @@ def pack_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     """Store the int8 weight codes that lie in [-8, 7] (and have zero points 0) as INT4."""
     model = onnx.version_converter.convert_version(model, INT4_OPSET)
     graph = model.graph
-    inits, readers = _weight_dequantizers(graph, onnx.TensorProto.INT8)
+    producers, initializers = _producers(graph), {i.name: i for i in graph.initializer}
+    inits, readers = _weight_dequantizers(graph, onnx.TensorProto.INT8, producers)
     for name, nodes in readers.items():
         codes = numpy_helper.to_array(inits[name])
-        if codes.min() < -8 or codes.max() > 7 or not all(len(n.input) < 3 or _zero(graph, n.input[2]) for n in nodes):
+        zero_points = all(len(n.input) < 3 or _zero(n.input[2], producers, initializers) for n in nodes)
+        if codes.min() < -8 or codes.max() > 7 or not zero_points:
             continue  # 8-bit layers, or batch-norm-negated -8 codes: stay int8
         inits[name].CopyFrom(numpy_helper.from_array(codes.astype(ml_dtypes.int4), name))
         for node in nodes:
@@ -67,7 +73,7 @@ def pack_int4(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     """INT4 weight initializers back to INT8 (same values), for ONNX Runtime's integer kernels."""
-    inits, _ = _weight_dequantizers(model.graph, onnx.TensorProto.INT4)
+    inits, _ = _weight_dequantizers(model.graph, onnx.TensorProto.INT4, _producers(model.graph))
     for name, init in inits.items():
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.int8), name))
     return model

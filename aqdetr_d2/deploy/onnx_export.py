@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from detectron2.structures import ImageList
 
-from ..quant import QuantizerBase
+from ..quant import iter_quantizers
 from .int4 import pack_int4
 from .qdq import to_integer_forms
 
@@ -48,7 +48,7 @@ class ExportedDetector(nn.Module):
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizerBase) and m.enabled for m in model.modules())
+    return any(q.enabled for q in iter_quantizers(model))
 
 
 def export_onnx(model: nn.Module, path: str, example: Tensor, metadata: Optional[Dict[str, str]] = None) -> nn.Module:

@@ -110,10 +110,9 @@ def _integer_qparams(quantizer: QuantizerBase, name: str, weight: bool = False):
         scale, zero_point = quantizer.scale.detach(), quantizer.zero_point.detach().float()
     else:
         raise ExportError(f"{name}: no ONNX form for {type(quantizer).__name__}")
-    zero_point = zero_point.round()
-    if _uint8_shifted(quantizer, weight):
-        zero_point = zero_point + _UINT8_SHIFT
-    zero_point = zero_point.to(torch.uint8 if _uint8_shifted(quantizer, weight) or not quantizer.signed else torch.int8)
+    shifted = _uint8_shifted(quantizer, weight)
+    zero_point = (zero_point.round() + (_UINT8_SHIFT if shifted else 0)).to(
+        torch.uint8 if shifted or not quantizer.signed else torch.int8)
     if quantizer.per_tensor:
         return scale.reshape(()).clone(), zero_point.reshape(()).clone()
     return scale.clone(), zero_point.clone()
@@ -191,11 +190,9 @@ class DequantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _norm_affine(norm: Optional[nn.Module], channels: int):
-    """(scale, shift) per channel of an inference-time batch norm, or None if it cannot fold."""
-    if norm is None:
-        return torch.ones(channels), torch.zeros(channels)
-    if all(hasattr(norm, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")) and not norm.training:
+def _norm_affine(norm: Optional[nn.Module]):
+    """(scale, shift) per channel of an inference-time batch norm, or None if there is none that folds."""
+    if norm is not None and all(hasattr(norm, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")) and not norm.training:
         scale = norm.weight.detach() * (norm.running_var.detach() + norm.eps).rsqrt()
         return scale, norm.bias.detach() - norm.running_mean.detach() * scale
     return None
@@ -217,12 +214,13 @@ class DequantConv2d(nn.Module):
         if module.padding_mode != "zeros":
             raise ExportError(f"{name}: padding_mode {module.padding_mode!r} has no ONNX Conv form; use 'zeros'")
         channels = module.out_channels
-        affine = _norm_affine(module.norm, channels)
-        self.norm = None if affine is not None else module.norm
-        norm_scale, norm_shift = affine if affine is not None else (torch.ones(channels), torch.zeros(channels))
+        affine = _norm_affine(module.norm)
+        self.norm = module.norm if affine is None else None  # a norm that does not fold runs after the conv
+        norm_scale, norm_shift = affine or (torch.ones(channels), torch.zeros(channels))
         bias = torch.zeros(channels) if module.bias is None else module.bias.detach()
         self.register_buffer("bias", bias * norm_scale + norm_shift)
         self.activation = module.activation
+        self.register_buffer("bias_codes", None)  # set below when the conv is integer on both sides
         packed = _weight_codes(module, name)
         if packed is None:
             self.register_buffer("weight", module.weight.detach() * norm_scale.view(-1, 1, 1, 1))
@@ -235,7 +233,7 @@ class DequantConv2d(nn.Module):
             if bool((codes[negative] == -128).any()):
                 raise ExportError(f"{name}: an 8-bit weight code -128 in a channel whose batch-norm scale is negative "
                                   "has no int8 negation; export this layer with MODEL.QUANT.KEEP_FP_PATTERNS")
-            sign = torch.where(norm_scale < 0, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
+            sign = torch.where(negative, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
             self.register_buffer("codes", (codes.to(torch.int16) * sign).to(torch.int8))
             self.register_buffer("scale", scale * norm_scale.abs())
             self.register_buffer("zero_point", zero_point)
@@ -252,7 +250,7 @@ class DequantConv2d(nn.Module):
         else:
             weight = _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, 0)
         bias = self.bias
-        if hasattr(self, "bias_codes"):
+        if self.bias_codes is not None:
             bias = _DequantizeBias.apply(self.bias_codes, self.bias_scale)
         y = F.conv2d(self.input_quant(x), weight, bias, **self.conv_args)
         if self.norm is not None:

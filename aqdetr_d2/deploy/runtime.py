@@ -1,12 +1,17 @@
 """Running an exported detector in ONNX Runtime, as a Detectron2 model for its evaluators."""
 import os
+import statistics
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
 from ..errors import UserInputError
+from .int4 import widen_int4
 
 # Operators through which ONNX Runtime computes in integers (after its QDQ fusions).
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
@@ -21,11 +26,6 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepa
     """An onnxruntime CPU session of `path` with every graph optimisation (the QDQ fusions among
     them) and `threads` intra-op threads (default: onnxruntime's own choice). INT4 weight codes
     are widened to INT8 first, which onnxruntime's integer kernels take (see `int4`)."""
-    import onnx
-    import onnxruntime as ort
-
-    from .int4 import widen_int4
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -40,9 +40,6 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepa
 
 def session_latency(path: str, image: np.ndarray, repeats: int = 10) -> float:
     """Median seconds of one `ort_session` run of `image` (1, 3, H, W), after two warm-up runs."""
-    import statistics
-    import time
-
     session = ort_session(path)
     times = []
     for i in range(repeats + 2):
