@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Speed and size benchmarks of AQ-DETR, every figure measured in this one process.
 
-    python benchmarks/run.py [--quick] [--device cpu|cuda] [--onnx] [--output benchmarks/results.json]
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--r50] [--onnx] [--output benchmarks/results.json]
 
 For both shapes architectures: training step time and eval latency of the float model, LSQ
 W4A4A4 and W4A4A4 + auxiliary queries + distillation (ratios against float), the packed
-export's size against the float checkpoint, and deformable attention against its reference; with --onnx also onnxruntime latency and file size
+export's size against the float checkpoint, and deformable attention against its reference; with --r50
+the same three variants of DETR-R50 and Deformable-DETR-R50 at 800x1333, batch 1, random weights
+(benchmarks/r50_step.py); with --onnx also onnxruntime latency and file size
 of the float and W4A4A4 ONNX exports, for the shapes models and the R50 models at 800x1333
 (benchmarks/onnx_runtime.py).
 Writes JSON and a markdown table next to it and prints the table. Compare figures only
@@ -34,6 +36,7 @@ from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
 from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
 from aqdetr_d2.quant import export_quantized
 from onnx_runtime import bench_onnx, onnx_markdown  # benchmarks/, beside this script
+from r50_step import R50_CONFIGS, bench_r50
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Architecture -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
@@ -187,6 +190,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (under 5 minutes on 2 CPU cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--r50", action="store_true", help="add the R50 models' train step and eval at 800x1333")
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime latency / size of the ONNX exports")
     parser.add_argument("--onnx-only", action="store_true", help="measure only the ONNX exports")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
@@ -206,6 +210,8 @@ def main():
             rows, export = bench_architecture(arch, configs, args.device, repeats, workdir)
             results["models"] += rows
             results["export"][arch] = export
+        for arch in R50_CONFIGS if args.r50 else ():
+            results["models"] += bench_r50(arch, _timed, args.device, 1 if args.quick else 3, workdir)
         if args.onnx or args.onnx_only:
             results["onnx"] = bench_onnx(workdir, repeats)
             results["onnx_threads"] = os.cpu_count()

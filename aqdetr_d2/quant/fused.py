@@ -1,0 +1,138 @@
+"""The elementwise arithmetic of LSQ fake quantization, one fused kernel per call.
+
+Eager PyTorch runs each elementwise op of the LSQ forward (4 ops) and backward (7 ops) as its
+own pass over the tensor; on the large attention tensors of a detector those passes were
+about a third of a quantized training step on the CPU. `torch.compile` fuses each chain into
+one kernel. Only elementwise ops are compiled: reductions (the step-size gradient's sum or
+dot) stay eager, so results are bit-equal to the eager chain (multiplying by a 0 / 1 mask
+is exact, so no fused multiply-add can round differently; tests/quant/test_fused.py checks
+forward and gradients against the eager ops).
+
+Tensors are flattened to fixed ranks before the call (per tensor: (N,), per channel:
+(outer, C, inner)) and the integer range is passed as tensors, so one compiled graph
+serves every layer, bit width and input size. Compilation happens once per process and graph
+(Inductor's on-disk cache makes later processes fast). Where compilation is off
+(`AQDETR_FUSED_QUANT=0`), unavailable, tracing for export, or fails, the same arithmetic runs
+eagerly; a failure is logged once.
+"""
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# Set AQDETR_FUSED_QUANT=0 to run the eager ops (e.g. to compare speed, or where no compiler is installed).
+_ENABLED = os.environ.get("AQDETR_FUSED_QUANT", "1") != "0"
+_failed = False
+
+
+def _forward(x: Tensor, scale: Tensor, inv_scale: Tensor, offset: Optional[Tensor], qmin: Tensor, qmax: Tensor):
+    v = x * inv_scale if offset is None else (x - offset) * inv_scale
+    out = torch.clamp(v.round(), qmin, qmax) * scale
+    return out if offset is None else out + offset
+
+
+def _backward(x: Tensor, inv_scale: Tensor, offset: Optional[Tensor], grad: Tensor, qmin: Tensor, qmax: Tensor,
+              product: bool):
+    """grad_x = grad inside [qmin, qmax], else 0; ds = round(v) - v inside, the clipped bound
+    outside (times grad when `product`)."""
+    v = x * inv_scale if offset is None else (x - offset) * inv_scale
+    clipped = torch.clamp(v, qmin, qmax)
+    inside = clipped == v
+    grad_x = torch.where(inside, grad, 0.0)
+    ds = clipped.round() - v * inside
+    return grad_x, (grad * ds if product else ds)
+
+
+_compiled_forward = torch.compile(_forward, dynamic=True)
+_compiled_backward = torch.compile(_backward, dynamic=True)
+# One graph per layout (per tensor / per channel, with or without offset, sizes of 1 specialised):
+# up to about a dozen per function, above Dynamo's default limit of 8, past which it would
+# silently run the rest eagerly.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+
+def _use_compiled(x: Tensor) -> bool:
+    return _ENABLED and not _failed and x.numel() > 0 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+
+def _run(compiled, eager, *args):
+    global _failed
+    if _use_compiled(args[0]):
+        try:
+            # Detached: the saved input of the autograd function requires grad, the forward's does not.
+            return compiled(*(a.detach() if isinstance(a, Tensor) else a for a in args))
+        except Exception as e:  # no C++ compiler, unsupported device, ...: the same ops, eagerly
+            _failed = True
+            logger.warning("Fused fake quantization is unavailable (%s: %s); using eager ops, which are "
+                           "slower but give the same numbers", type(e).__name__, str(e).splitlines()[0])
+    return eager(*args)
+
+
+def _memory_order(x: Tensor) -> Tuple[int, ...]:
+    """The permutation of x's dimensions that is contiguous in memory (identity when x is
+    contiguous), so that results keep x's strides, as eager elementwise ops do: reductions of
+    them then add in the same order."""
+    if x.is_contiguous():
+        return tuple(range(x.dim()))
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return order if x.permute(order).is_contiguous() else tuple(range(x.dim()))
+
+
+class _Layout:
+    """x (in memory order) as (N,) for a per-tensor parameter, or as (outer, C, inner) for a
+    (C,) parameter viewed to broadcast along one axis of x."""
+
+    def __init__(self, x: Tensor, param: Tensor):
+        self.shape, self.order = x.shape, _memory_order(x)
+        self.inverse = tuple(sorted(range(x.dim()), key=self.order.__getitem__))
+        permuted = x.permute(self.order).shape
+        if param.numel() == 1:
+            self.flat, self.param = (-1,), (1,)
+        else:
+            axis = next(i for i, n in enumerate(param.permute(self.order).shape) if n != 1)
+            self.flat, self.param = (-1, permuted[axis], permuted[axis + 1:].numel()), (1, permuted[axis], 1)
+        self.permuted = permuted
+
+    def flatten(self, t: Tensor) -> Tensor:
+        return t.permute(self.order).contiguous().view(self.flat)
+
+    def restore(self, t: Tensor) -> Tensor:
+        return t.view(self.permuted).permute(self.inverse)
+
+    def param_view(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
+        return t.reshape(self.param) if t.numel() == 1 else t.permute(self.order).reshape(self.param)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int, qmax: int) -> Tensor:
+    """s * clamp(round((x - b) / s), qmin, qmax) + b with s = `scale` (already clamped), b =
+    `offset` (or None); both viewed to x's rank, broadcast per tensor or along one axis."""
+    layout = _Layout(x, scale)
+    s = layout.param_view(scale)
+    out = _run(_compiled_forward, _forward, layout.flatten(x), s, 1.0 / s, layout.param_view(offset),
+               *_bounds(qmin, qmax, x))
+    return layout.restore(out)
+
+
+def lsq_backward_terms(x: Tensor, scale: Tensor, offset: Optional[Tensor], grad: Tensor, qmin: int, qmax: int,
+                       product: bool) -> Tuple[Tensor, Tensor]:
+    """The elementwise part of the LSQ backward (see `_backward`), with x's shape and strides."""
+    layout = _Layout(x, scale)
+    grad_x, ds = _run(_compiled_backward, _backward, layout.flatten(x), 1.0 / layout.param_view(scale),
+                      layout.param_view(offset), layout.flatten(grad), *_bounds(qmin, qmax, x), product)
+    ds = layout.restore(ds)
+    if product and _memory_order(grad) != layout.order:
+        # Eager `grad * ds` takes grad's strides (its first operand's); the reduction of the
+        # product adds in that order.
+        ds = torch.empty_like(grad).copy_(ds)
+    return layout.restore(grad_x), ds
+
+
+def _bounds(qmin: int, qmax: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    return (torch.tensor(float(qmin), dtype=like.dtype, device=like.device),
+            torch.tensor(float(qmax), dtype=like.dtype, device=like.device))

@@ -1,0 +1,88 @@
+"""Training step and eval latency of the R50 models at the size users train, for benchmarks/run.py --r50.
+
+DETR-R50 and Deformable-DETR-R50 (configs/coco), random weights, batch 1, one synthetic 800x1333
+image with a few boxes: float, LSQ W4A4A4 and AQ-DETR W4A4A4 (auxiliary queries and teacher-forced
+distillation from the same random float weights). Rows have the keys of run.py's shapes rows.
+"""
+import os
+
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from aqdetr_d2.config import load_config
+from aqdetr_d2.distill import build_distiller
+from aqdetr_d2.engine import build_detr_optimizer
+from aqdetr_d2.quant import calibrate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (800, 1333)
+# name -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
+R50_CONFIGS = {
+    "DETR-R50": ("configs/coco/detr_r50_fp32.yaml", "configs/coco/detr_r50_lsq_w4a4.yaml",
+                 "configs/coco/aqdetr_r50_w4a4.yaml"),
+    "Deformable-DETR-R50": ("configs/coco/deformable_detr_r50_fp32.yaml",
+                            "configs/coco/deformable_detr_r50_lsq_w4a4.yaml",
+                            "configs/coco/aq_deformable_detr_r50_w4a4.yaml"),
+}
+
+
+def synthetic_input(device, generator) -> dict:
+    """One Detectron2 training input: a uint8 image of SIZE and four boxes of class 0..3."""
+    h, w = SIZE
+    xy = torch.rand(4, 2, generator=generator) * torch.tensor([w / 2, h / 2])
+    boxes = torch.cat([xy, xy + torch.tensor([w / 4, h / 4])], 1)
+    instances = Instances(SIZE, gt_boxes=Boxes(boxes), gt_classes=torch.arange(4))
+    image = torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+    return {"image": image.to(device), "height": h, "width": w, "instances": instances}
+
+
+def _cfg(path, device, opts):
+    return load_config(os.path.join(ROOT, path), ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", *opts])
+
+
+def bench_r50(arch, timed, device, repeats, workdir):
+    """Rows for `arch` (a key of R50_CONFIGS): float, LSQ W4A4A4, AQ-DETR; `timed(fn, repeats,
+    device)` is run.py's median timer."""
+    float_cfg, lsq_cfg, aq_cfg = R50_CONFIGS[arch]
+    generator = torch.Generator().manual_seed(0)
+    batch = [synthetic_input(device, generator)]
+    teacher_weights = os.path.join(workdir, f"{arch}_float.pth")
+    torch.manual_seed(0)
+    torch.save({"model": build_model(_cfg(float_cfg, device, [])).state_dict()}, teacher_weights)
+    variants = [("float", float_cfg, []), ("LSQ W4A4A4", lsq_cfg, []),
+                ("W4A4A4 + aux queries + distillation", aq_cfg,
+                 ["MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights,
+                  "MODEL.DISTILL.TEACHER_CONFIG", os.path.join(ROOT, float_cfg)])]
+    rows = []
+    for name, path, opts in variants:
+        cfg = _cfg(path, device, opts)
+        model = build_model(cfg)
+        model.load_state_dict(torch.load(teacher_weights, weights_only=True)["model"], strict=False)
+        image = [{k: v for k, v in batch[0].items() if k != "instances"}]
+        if cfg.MODEL.QUANT.ENABLED:
+            calibrate(model.eval(), [image])
+        if cfg.MODEL.DISTILL.ENABLED:
+            model.distiller = build_distiller(cfg)
+        optimizer = build_detr_optimizer(cfg, model)
+
+        def train_step():
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        model.train()
+        step = timed(train_step, repeats, device)
+        model.eval()
+        with torch.no_grad():
+            latency = timed(lambda: model(image), repeats, device)
+        rows.append({"model": f"{arch} {name}", "config": path, "options": opts, "batch": 1, "train_step_s": step,
+                     "train_iter_per_s": 1 / step, "eval_latency_s": latency, "eval_images_per_s": 1 / latency,
+                     "peak_train_memory_mb": None, "image": list(SIZE),
+                     "parameters": sum(p.numel() for p in model.parameters())})
+    for r in rows:
+        r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
+        r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]
+    return rows
