@@ -19,7 +19,7 @@ import torch
 from detectron2.modeling import build_model
 
 from aqdetr_d2.config import load_config
-from aqdetr_d2.modeling.quantization import report_parts
+from aqdetr_d2.modeling import meta_arch_class
 from aqdetr_d2.quant.report import model_report
 from aqdetr_d2.errors import user_errors_exit
 
@@ -43,7 +43,7 @@ def main():
     logging.basicConfig(level=logging.WARNING)
 
     cfg = load_config(args.config_file, args.opts)
-    parts = report_parts(cfg.MODEL.META_ARCHITECTURE)
+    parts = meta_arch_class(cfg).part_patterns()
     model = build_model(cfg)
     if args.load_weights and cfg.MODEL.WEIGHTS:
         from aqdetr_d2.engine import AQDETRCheckpointer

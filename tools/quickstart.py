@@ -88,14 +88,14 @@ def size_and_ops(config: str, opts):
     from detectron2.modeling import build_model
 
     from aqdetr_d2.config import load_config
-    from aqdetr_d2.modeling.quantization import report_parts
+    from aqdetr_d2.modeling import meta_arch_class
     from aqdetr_d2.quant.report import model_report
 
     cfg = load_config(os.path.join(ROOT, config), [*opts, "MODEL.DEVICE", "cpu", "MODEL.DISTILL.ENABLED", "False"])
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (3, 128, 128), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     report = model_report(model, lambda: [{"image": image, "height": 128, "width": 128}],
-                          report_parts(cfg.MODEL.META_ARCHITECTURE))
+                          meta_arch_class(cfg).part_patterns())
     total = report.as_dict()["total"]
     return total["size_mb"], total["ops"] / 1e9
 

@@ -10,16 +10,13 @@ from detectron2.modeling import build_model
 from ..config import add_aqdetr_config, merge_config
 from ..checkpoint import AQDETRCheckpointer
 from ..errors import UserInputError
+from ..modeling import meta_arch_class
 
 logger = logging.getLogger(__name__)
 
 
 class TeacherConfigError(UserInputError, ValueError):
     """MODEL.DISTILL's teacher config or weights are missing or do not match the student."""
-
-# Sizes that must agree for layer-by-layer distillation, per meta-architecture config node.
-_MATCHING_KEYS = ("NUM_CLASSES", "NUM_OBJECT_QUERIES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS")
-_NODES = {"AQDETR": "DETR", "AQDeformableDETR": "DEFORMABLE_DETR"}
 
 
 def teacher_config(cfg):
@@ -48,12 +45,10 @@ def check_teacher_matches(student_cfg, teacher_cfg):
     if arch_s != arch_t:
         raise TeacherConfigError(f"Teacher meta-architecture '{arch_t}' does not match the student's '{arch_s}'; "
                          "MODEL.DISTILL.TEACHER_CONFIG must describe the same architecture in full precision")
-    node = _NODES[arch_s]
-    s, t = student_cfg.MODEL[node], teacher_cfg.MODEL[node]
-    diffs = [f"MODEL.{node}.{k}: student {s[k]} vs teacher {t[k]}" for k in _MATCHING_KEYS if s[k] != t[k]]
-    if node == "DEFORMABLE_DETR":
-        diffs += [f"MODEL.{node}.{k}: student {s[k]} vs teacher {t[k]}"
-                  for k in ("NUM_FEATURE_LEVELS", "WITH_BOX_REFINE", "TWO_STAGE") if s[k] != t[k]]
+    arch = meta_arch_class(student_cfg)
+    s, t = arch.config_of(student_cfg), arch.config_of(teacher_cfg)
+    diffs = [f"MODEL.{arch.config_node}.{k}: student {s[k]} vs teacher {t[k]}"
+             for k in arch.teacher_matching_keys if s[k] != t[k]]
     if diffs:
         raise TeacherConfigError("Teacher and student differ, so their layers cannot be distilled one to one:\n  "
                          + "\n  ".join(diffs))

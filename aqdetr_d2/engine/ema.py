@@ -15,8 +15,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.engine import HookBase
-
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +53,15 @@ class ModelEMA:
         current = self._matching_state(model)
         self.weights = {k: v.to(current[k].device) for k, v in self.weights.items()}
 
+    def start(self, model: nn.Module, iteration: int) -> None:
+        """At the start of training: average from the current weights, unless a resumed
+        checkpoint restored the average."""
+        if self.weights:
+            self.follow_devices(model)
+        else:
+            self.reset(model)
+            logger.info("MODEL_EMA: averaging from the weights at iteration %d (decay %s)", iteration, self.decay)
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for key, value in self._matching_state(model).items():
@@ -83,23 +90,3 @@ class ModelEMA:
             logger.warning("Checkpoint's EMA was kept with decay %s; continuing with MODEL_EMA.DECAY %s",
                            state["decay"], self.decay)
         self.weights = {k: v.clone() for k, v in state["weights"].items()}
-
-
-class EMAHook(HookBase):
-    """Starts the average from the weights training begins with, unless a resumed checkpoint
-    restored it, and updates it after every optimizer step (before checkpointing and evaluation)."""
-
-    def __init__(self, ema: ModelEMA, model: nn.Module):
-        self.ema = ema
-        self.model = model
-
-    def before_train(self):
-        if self.ema.weights:
-            self.ema.follow_devices(self.model)
-        else:
-            self.ema.reset(self.model)
-            logger.info("MODEL_EMA: averaging from the weights at iteration %d (decay %s)",
-                        self.trainer.iter, self.ema.decay)
-
-    def after_step(self):
-        self.ema.update(self.model)

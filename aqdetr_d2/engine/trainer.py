@@ -17,9 +17,10 @@ from ..data import (DetrDatasetMapper, check_dataset_dicts, check_evaluator_type
                     check_num_classes, load_dataset)
 from ..data.stream import SAMPLERS, ResumableTrainLoader
 from ..distill import build_distiller
+from ..modeling import meta_arch_class
 from .calibration import initialize_quantizers
 from .determinism import ExactResumeHook
-from .ema import EMAHook, ModelEMA
+from .ema import ModelEMA
 from .optimizer import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ EVALUATORS = {"coco": _coco_evaluator, "pascal_voc": _voc_evaluator}
 
 
 def num_classes_of(cfg) -> int:
-    node = cfg.MODEL.DETR if cfg.MODEL.META_ARCHITECTURE == "AQDETR" else cfg.MODEL.DEFORMABLE_DETR
-    return node.NUM_CLASSES
+    return meta_arch_class(cfg).config_of(cfg).NUM_CLASSES
 
 
 def create_ddp_model(model, **kwargs):
@@ -57,12 +57,17 @@ class AQDETRTrainer(DefaultTrainer):
     multiplier and full-model gradient clipping, annotation checks before training, a
     checkpointer that refuses mismatched weights, DDP that also works on the CPU, quantizer
     calibration after loading, and (with `MODEL.DISTILL.ENABLED`) a frozen teacher attached to
-    the student, outside its state_dict, optimizer and DDP; the inherited `run_step` trains.
-    With `MODEL_EMA.ENABLED` it keeps an average of the weights, checkpointed as "model_ema",
-    and evaluates that average instead of the trained weights.
+    the student, outside its state_dict, optimizer and DDP. With `MODEL_EMA.ENABLED` it keeps
+    an average of the weights, updated in `run_step`, checkpointed as "model_ema", and evaluates
+    that average instead of the trained weights.
     """
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__ in the same order, restated rather than inherited because it
+        # hard-wires two things this trainer changes: `create_ddp_model` (it passes the GPU
+        # rank as device_ids, which DDP refuses for a CPU model) and `DetectionCheckpointer`
+        # (built before `build_hooks`, which captures it; this one also checkpoints the data
+        # stream and the average, and refuses mismatched weights).
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -91,8 +96,17 @@ class AQDETRTrainer(DefaultTrainer):
     def train(self):
         """Train; returns the final evaluation results (DefaultTrainer returns them only when
         TEST.EXPECTED_RESULTS is set)."""
+        if self.model_ema is not None:
+            self.model_ema.start(self.model, self.start_iter)
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+    def run_step(self):
+        super().run_step()
+        if self.model_ema is not None:
+            # In the step, not in a hook: every after_step hook (checkpointer, evaluation) then
+            # sees this step's average, whatever the hooks' order.
+            self.model_ema.update(self.model)
 
     def resume_or_load(self, resume=True):
         """Load weights (or resume), then calibrate any quantizer the checkpoint did not set."""
@@ -108,9 +122,6 @@ class AQDETRTrainer(DefaultTrainer):
                *super().build_hooks()]
         if self.model_ema is None:
             return ret
-        # Before the checkpointer and the evaluation, which should see this step's average.
-        first_reader = next(i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
-        ret.insert(first_reader, EMAHook(self.model_ema, self.model))
         return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_averaged_weights)
                 if isinstance(h, hooks.EvalHook) else h for h in ret]
 

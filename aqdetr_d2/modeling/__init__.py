@@ -1,3 +1,3 @@
-from .meta_arch import AQDETR, AQDeformableDETR
+from .meta_arch import AQDETR, AQDeformableDETR, meta_arch_class
 
-__all__ = ["AQDETR", "AQDeformableDETR"]
+__all__ = ["AQDETR", "AQDeformableDETR", "meta_arch_class"]

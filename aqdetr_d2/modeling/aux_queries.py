@@ -188,14 +188,14 @@ def _rename(losses: Dict[str, Tensor], suffix: str) -> Dict[str, Tensor]:
     return {f"{k}{suffix}": v for k, v in losses.items()}
 
 
-def aux_query_loss(criterion, aux_outputs: Mapping, targets: Targets, aux_queries: AuxQueries
+def aux_query_loss(criterion, aux_query_outputs: Mapping, targets: Targets, aux_queries: AuxQueries
                    ) -> Dict[str, Tensor]:
     """Weighted losses of the auxiliary queries, with the detector's own criterion.
 
     Args:
         criterion: the detector's `SetCriterion` (its Hungarian matcher does the matching; one-
             to-many in hybrid mode arises from the repeated targets).
-        aux_outputs: "aux_query_outputs" of a training forward: "pred_logits" (B, N_aux, K),
+        aux_query_outputs: "aux_query_outputs" of a training forward: "pred_logits" (B, N_aux, K),
             "pred_boxes" (B, N_aux, 4), optional per-layer "aux_outputs".
         targets: per image "labels" (T,) and "boxes" (T, 4), normalized cxcywh.
     Returns:
@@ -204,10 +204,10 @@ def aux_query_loss(criterion, aux_outputs: Mapping, targets: Targets, aux_querie
         mode, summed over the groups (each matched one-to-one to the original targets).
     """
     groups = aux_queries.expand_targets(targets)
-    size = aux_outputs["pred_logits"].shape[1] // len(groups)
+    size = aux_query_outputs["pred_logits"].shape[1] // len(groups)
     total: Dict[str, Tensor] = {}
     for g, group_targets in enumerate(groups):
-        preds = _cut_predictions(aux_outputs, slice(g * size, (g + 1) * size))
+        preds = _cut_predictions(aux_query_outputs, slice(g * size, (g + 1) * size))
         for k, v in criterion(preds, group_targets).items():
             total[k] = total[k] + v if k in total else v
     return _rename({k: v * aux_queries.loss_weight for k, v in total.items()}, "_aux")

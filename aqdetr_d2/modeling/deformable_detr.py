@@ -33,14 +33,15 @@ class DeformableDETR(nn.Module):
             come from stride-2 3x3 convs on the last backbone level.
         position_embedding: maps a (B, H, W) padding mask to (B, d_model, H, W); used for the
             extra levels.
-        aux_loss: also return the predictions of the intermediate decoder layers.
+        deep_supervision: also return the predictions of the intermediate decoder layers
+            ("aux_outputs", DETR's name; the official code's `aux_loss`), each with its own loss.
         with_box_refine: iterative box refinement, one head per decoder layer.
         two_stage: queries from the top-scoring encoder proposals (needs `with_box_refine`,
             as in the official code, where two-stage is built on top of refinement).
     """
 
     def __init__(self, in_channels: List[int], transformer: DeformableTransformer, num_classes: int,
-                 num_queries: int, num_feature_levels: int, position_embedding: nn.Module, aux_loss: bool = True,
+                 num_queries: int, num_feature_levels: int, position_embedding: nn.Module, deep_supervision: bool = True,
                  with_box_refine: bool = False, two_stage: bool = False):
         super().__init__()
         hidden_dim = transformer.d_model
@@ -63,7 +64,7 @@ class DeformableDETR(nn.Module):
         self.num_feature_levels = num_feature_levels
         self.transformer = transformer
         self.position_embedding = position_embedding
-        self.aux_loss = aux_loss
+        self.deep_supervision = deep_supervision
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
 
@@ -155,7 +156,7 @@ class DeformableDETR(nn.Module):
             dict with
             - "pred_logits": (B, Q, num_classes) class logits of the last decoder layer;
             - "pred_boxes": (B, Q, 4) normalized (cx, cy, w, h) boxes of the last decoder layer;
-            - "aux_outputs": when `aux_loss`, a list over the other decoder layers of
+            - "aux_outputs": with `deep_supervision`, a list over the other decoder layers of
               {"pred_logits", "pred_boxes"};
             - "enc_outputs": in two-stage, {"pred_logits": (B, S, num_classes),
               "pred_boxes": (B, S, 4)} of the encoder proposals;
@@ -184,7 +185,7 @@ class DeformableDETR(nn.Module):
             outputs_coords.append(boxes)
 
         result = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
-        if self.aux_loss:
+        if self.deep_supervision:
             result["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
                                      for c, b in zip(outputs_classes[:-1], outputs_coords[:-1])]
         if self.two_stage:

@@ -22,15 +22,38 @@ from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer
 from .matcher import HungarianMatcher
-from .quantization import DEFORMABLE_DETR_LAYOUT, DETR_LAYOUT, maybe_quantize
+from .quantization import DEFORMABLE_DETR_LAYOUT, DETR_LAYOUT, QuantLayout, maybe_quantize
 from .query_selection import EncoderQuerySelection
 from .transformer import Transformer
 
-__all__ = ["AQDETR", "AQDeformableDETR"]
+__all__ = ["AQDETR", "AQDeformableDETR", "meta_arch_class"]
+
+# Config sizes that must agree for a teacher and a student to be distilled layer by layer.
+_LAYER_MATCHING_KEYS = ("NUM_CLASSES", "NUM_OBJECT_QUERIES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS")
 
 
 class _SetPredictionDetector(nn.Module):
-    """Input normalization, target conversion and output formatting shared by both models."""
+    """Input normalization, target conversion and output formatting shared by both models.
+
+    Each model states its architecture's facts as class attributes:
+    `config_node` (its node under MODEL, e.g. "DETR"), `quant_layout` (where its parts live,
+    which layers stay float) and `teacher_matching_keys` (keys of that node a distillation
+    teacher must share).
+    """
+
+    config_node: str
+    quant_layout: QuantLayout
+    teacher_matching_keys: tuple = _LAYER_MATCHING_KEYS
+
+    @classmethod
+    def config_of(cls, cfg):
+        """This architecture's config node of `cfg` (cfg.MODEL.DETR, ...)."""
+        return cfg.MODEL[cls.config_node]
+
+    @classmethod
+    def part_patterns(cls) -> Dict[str, list]:
+        """Parts (backbone / encoder / decoder / heads) as module-name globs, for `model_report`."""
+        return {name.lower(): list(patterns) for name, patterns in cls.quant_layout.parts.items()}
 
     def __init__(self, *, backbone, in_features, criterion, num_classes, pixel_mean, pixel_std,
                  aux_queries: Optional[AuxQueries] = None):
@@ -147,6 +170,9 @@ class AQDETR(_SetPredictionDetector):
       decoder cross-attention logits (SMCA), so attention starts local.
     """
 
+    config_node = "DETR"
+    quant_layout = DETR_LAYOUT
+
     @configurable
     def __init__(self, *, backbone, in_feature: str, transformer: Transformer, num_classes: int,
                  num_queries: int, criterion: SetCriterion, deep_supervision: bool = True,
@@ -215,7 +241,7 @@ class AQDETR(_SetPredictionDetector):
             "two_stage": d.TWO_STAGE,
             "topk_test": d.TOPK_TEST,
             "aux_queries": AuxQueries.from_config(cfg),
-            "quantize": partial(maybe_quantize, cfg, layout=DETR_LAYOUT),
+            "quantize": partial(maybe_quantize, cfg, layout=cls.quant_layout),
             **_pixel_stats(cfg),
         }
 
@@ -302,6 +328,10 @@ def _anchor_embedding(num: int) -> nn.Embedding:
 class AQDeformableDETR(_SetPredictionDetector):
     """Deformable-DETR (Zhu et al. 2021) with pure-PyTorch multi-scale deformable attention."""
 
+    config_node = "DEFORMABLE_DETR"
+    quant_layout = DEFORMABLE_DETR_LAYOUT
+    teacher_matching_keys = _LAYER_MATCHING_KEYS + ("NUM_FEATURE_LEVELS", "WITH_BOX_REFINE", "TWO_STAGE")
+
     @configurable
     def __init__(self, *, backbone, in_features, detector: DeformableDETR, num_classes: int,
                  criterion: SetCriterion, topk_test: int = 100, aux_queries: Optional[AuxQueries] = None,
@@ -339,7 +369,7 @@ class AQDeformableDETR(_SetPredictionDetector):
             num_classes=d.NUM_CLASSES, num_queries=d.NUM_OBJECT_QUERIES,
             num_feature_levels=d.NUM_FEATURE_LEVELS,
             position_embedding=PositionEmbeddingSine(d.HIDDEN_DIM // 2, normalize=True, offset=-0.5),
-            aux_loss=d.DEEP_SUPERVISION, with_box_refine=d.WITH_BOX_REFINE, two_stage=d.TWO_STAGE)
+            deep_supervision=d.DEEP_SUPERVISION, with_box_refine=d.WITH_BOX_REFINE, two_stage=d.TWO_STAGE)
         matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, focal=True,
                                    focal_alpha=d.FOCAL_ALPHA)
         criterion = SetCriterion(d.NUM_CLASSES, matcher, d.CLASS_WEIGHT, d.L1_WEIGHT, d.GIOU_WEIGHT,
@@ -347,7 +377,7 @@ class AQDeformableDETR(_SetPredictionDetector):
         return {"backbone": backbone, "in_features": d.IN_FEATURES, "detector": detector,
                 "num_classes": d.NUM_CLASSES, "criterion": criterion, "topk_test": d.TOPK_TEST,
                 "aux_queries": AuxQueries.from_config(cfg),
-                "quantize": partial(maybe_quantize, cfg, layout=DEFORMABLE_DETR_LAYOUT),
+                "quantize": partial(maybe_quantize, cfg, layout=cls.quant_layout),
                 **_pixel_stats(cfg)}
 
     def predict(self, images: ImageList) -> Dict:
@@ -370,3 +400,14 @@ class AQDeformableDETR(_SetPredictionDetector):
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
         """Top-k (query, class) pairs by sigmoid score: logits (B, Q, K), boxes (B, Q, 4)."""
         return self._topk_sigmoid_instances(logits, boxes, image_sizes, self.topk_test)
+
+
+def meta_arch_class(cfg):
+    """The class of this project that `cfg.MODEL.META_ARCHITECTURE` names (AQDETR or
+    AQDeformableDETR); a clear error for any other name."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    cls = META_ARCH_REGISTRY.get(name) if name in META_ARCH_REGISTRY else None
+    if cls is None or not issubclass(cls, _SetPredictionDetector):
+        raise ValueError(f"MODEL.META_ARCHITECTURE {name!r} is not a model of this project; use one of "
+                         f"{sorted(n for n, c in META_ARCH_REGISTRY if issubclass(c, _SetPredictionDetector))}")
+    return cls

@@ -77,14 +77,3 @@ def quant_config_from_cfg(cfg, model: nn.Module, layout: QuantLayout) -> Optiona
 def maybe_quantize(cfg, model: nn.Module, layout: QuantLayout) -> nn.Module:
     qcfg = quant_config_from_cfg(cfg, model, layout)
     return model if qcfg is None else quantize_model(model, qcfg)
-
-
-# Meta-architecture name -> its layout (used by the export and report tools).
-LAYOUTS = {"AQDETR": DETR_LAYOUT, "AQDeformableDETR": DEFORMABLE_DETR_LAYOUT}
-
-
-def report_parts(meta_architecture: str) -> Dict[str, list]:
-    """Parts (backbone / encoder / decoder / heads) of a meta-architecture for `model_report`."""
-    if meta_architecture not in LAYOUTS:
-        raise ValueError(f"No part layout for MODEL.META_ARCHITECTURE {meta_architecture!r}; known: {sorted(LAYOUTS)}")
-    return {name.lower(): list(patterns) for name, patterns in LAYOUTS[meta_architecture].parts.items()}

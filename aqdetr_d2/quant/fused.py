@@ -9,11 +9,12 @@ is exact, so no fused multiply-add can round differently; tests/quant/test_fused
 forward and gradients against the eager ops).
 
 Tensors are flattened to fixed ranks before the call (per tensor: (N,), per channel:
-(outer, C, inner)) and the integer range is passed as tensors, so one compiled graph
-serves every layer, bit width and input size. Compilation happens once per process and graph
-(Inductor's on-disk cache makes later processes fast). Where compilation is off
-(`AQDETR_FUSED_QUANT=0`), unavailable, tracing for export, or fails, the same arithmetic runs
-eagerly; a failure is logged once.
+(outer, C, inner)), in their memory order so that results keep the strides eager ops give
+them, and the integer range is passed as tensors: a few compiled graphs serve every layer, bit
+width and input size. Compilation happens once per process and graph (Inductor's on-disk cache
+makes later processes fast). Small tensors, and every tensor where compilation is off
+(`AQDETR_FUSED_QUANT=0`), unavailable, tracing for export, or failed (logged once), take the
+eager ops on the tensors as they are.
 """
 import logging
 import os
@@ -27,16 +28,20 @@ logger = logging.getLogger(__name__)
 # Set AQDETR_FUSED_QUANT=0 to run the eager ops (e.g. to compare speed, or where no compiler is installed).
 _ENABLED = os.environ.get("AQDETR_FUSED_QUANT", "1") != "0"
 _failed = False
+# Smallest tensors worth a compiled call (its guards and wrappers cost ~70 us on the 2-core CPU):
+# below them, the eager ops are as fast or faster (measured crossovers: forward ~64k elements,
+# backward ~16k). Small layers and batch-1 inference then run eagerly and compile nothing.
+_MIN_NUMEL_FORWARD = 1 << 16
+_MIN_NUMEL_BACKWARD = 1 << 14
 
 
-def _forward(x: Tensor, scale: Tensor, inv_scale: Tensor, offset: Optional[Tensor], qmin: Tensor, qmax: Tensor):
+def _forward(x: Tensor, scale: Tensor, inv_scale: Tensor, offset: Optional[Tensor], qmin, qmax) -> Tensor:
     v = x * inv_scale if offset is None else (x - offset) * inv_scale
     out = torch.clamp(v.round(), qmin, qmax) * scale
     return out if offset is None else out + offset
 
 
-def _backward(x: Tensor, inv_scale: Tensor, offset: Optional[Tensor], grad: Tensor, qmin: Tensor, qmax: Tensor,
-              product: bool):
+def _backward(x: Tensor, inv_scale: Tensor, offset: Optional[Tensor], grad: Tensor, qmin, qmax, product: bool):
     """grad_x = grad inside [qmin, qmax], else 0; ds = round(v) - v inside, the clipped bound
     outside (times grad when `product`)."""
     v = x * inv_scale if offset is None else (x - offset) * inv_scale
@@ -55,21 +60,22 @@ _compiled_backward = torch.compile(_backward, dynamic=True)
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
 
-def _use_compiled(x: Tensor) -> bool:
-    return _ENABLED and not _failed and x.numel() > 0 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+def _use_compiled(x: Tensor, min_numel: int) -> bool:
+    return (_ENABLED and not _failed and x.numel() >= min_numel and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
 
 
-def _run(compiled, eager, *args):
+def _compiled_call(compiled, *args):
+    """`compiled(*args)` on detached tensors, or None (logged once) where compilation fails."""
     global _failed
-    if _use_compiled(args[0]):
-        try:
-            # Detached: the saved input of the autograd function requires grad, the forward's does not.
-            return compiled(*(a.detach() if isinstance(a, Tensor) else a for a in args))
-        except Exception as e:  # no C++ compiler, unsupported device, ...: the same ops, eagerly
-            _failed = True
-            logger.warning("Fused fake quantization is unavailable (%s: %s); using eager ops, which are "
-                           "slower but give the same numbers", type(e).__name__, str(e).splitlines()[0])
-    return eager(*args)
+    try:
+        # Detached: the saved input of the autograd function requires grad, the forward's does not.
+        return compiled(*(a.detach() if isinstance(a, Tensor) else a for a in args))
+    except Exception as e:  # no C++ compiler, unsupported device, ...: the same ops, eagerly
+        _failed = True
+        logger.warning("Fused fake quantization is unavailable (%s: %s); using eager ops, which are "
+                       "slower but give the same numbers", type(e).__name__, str(e).splitlines()[0])
+        return None
 
 
 def _memory_order(x: Tensor) -> Tuple[int, ...]:
@@ -87,15 +93,15 @@ class _Layout:
     (C,) parameter viewed to broadcast along one axis of x."""
 
     def __init__(self, x: Tensor, param: Tensor):
-        self.shape, self.order = x.shape, _memory_order(x)
+        self.order = _memory_order(x)
         self.inverse = tuple(sorted(range(x.dim()), key=self.order.__getitem__))
-        permuted = x.permute(self.order).shape
+        self.permuted = x.permute(self.order).shape
         if param.numel() == 1:
             self.flat, self.param = (-1,), (1,)
         else:
             axis = next(i for i, n in enumerate(param.permute(self.order).shape) if n != 1)
-            self.flat, self.param = (-1, permuted[axis], permuted[axis + 1:].numel()), (1, permuted[axis], 1)
-        self.permuted = permuted
+            channels = self.permuted[axis]
+            self.flat, self.param = (-1, channels, self.permuted[axis + 1:].numel()), (1, channels, 1)
 
     def flatten(self, t: Tensor) -> Tensor:
         return t.permute(self.order).contiguous().view(self.flat)
@@ -109,30 +115,39 @@ class _Layout:
         return t.reshape(self.param) if t.numel() == 1 else t.permute(self.order).reshape(self.param)
 
 
+def _bounds(qmin: int, qmax: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    return (torch.tensor(float(qmin), dtype=like.dtype, device=like.device),
+            torch.tensor(float(qmax), dtype=like.dtype, device=like.device))
+
+
 def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int, qmax: int) -> Tensor:
     """s * clamp(round((x - b) / s), qmin, qmax) + b with s = `scale` (already clamped), b =
     `offset` (or None); both viewed to x's rank, broadcast per tensor or along one axis."""
-    layout = _Layout(x, scale)
-    s = layout.param_view(scale)
-    out = _run(_compiled_forward, _forward, layout.flatten(x), s, 1.0 / s, layout.param_view(offset),
-               *_bounds(qmin, qmax, x))
-    return layout.restore(out)
+    if _use_compiled(x, _MIN_NUMEL_FORWARD):
+        layout = _Layout(x, scale)
+        s = layout.param_view(scale)
+        out = _compiled_call(_compiled_forward, layout.flatten(x), s, 1.0 / s, layout.param_view(offset),
+                             *_bounds(qmin, qmax, x))
+        if out is not None:
+            return layout.restore(out)
+    # In place after the first op: one allocation, which matters on the many small tensors.
+    v = x * (1.0 / scale) if offset is None else (x - offset) * (1.0 / scale)
+    out = v.round_().clamp_(qmin, qmax).mul_(scale)
+    return out if offset is None else out.add_(offset)
 
 
 def lsq_backward_terms(x: Tensor, scale: Tensor, offset: Optional[Tensor], grad: Tensor, qmin: int, qmax: int,
                        product: bool) -> Tuple[Tensor, Tensor]:
-    """The elementwise part of the LSQ backward (see `_backward`), with x's shape and strides."""
-    layout = _Layout(x, scale)
-    grad_x, ds = _run(_compiled_backward, _backward, layout.flatten(x), 1.0 / layout.param_view(scale),
-                      layout.param_view(offset), layout.flatten(grad), *_bounds(qmin, qmax, x), product)
-    ds = layout.restore(ds)
-    if product and _memory_order(grad) != layout.order:
-        # Eager `grad * ds` takes grad's strides (its first operand's); the reduction of the
-        # product adds in that order.
-        ds = torch.empty_like(grad).copy_(ds)
-    return layout.restore(grad_x), ds
-
-
-def _bounds(qmin: int, qmax: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-    return (torch.tensor(float(qmin), dtype=like.dtype, device=like.device),
-            torch.tensor(float(qmax), dtype=like.dtype, device=like.device))
+    """The elementwise part of the LSQ backward (see `_backward`), with the strides eager ops give."""
+    if _use_compiled(x, _MIN_NUMEL_BACKWARD):
+        layout = _Layout(x, scale)
+        out = _compiled_call(_compiled_backward, layout.flatten(x), 1.0 / layout.param_view(scale),
+                             layout.param_view(offset), layout.flatten(grad), *_bounds(qmin, qmax, x), product)
+        if out is not None:
+            grad_x, ds = layout.restore(out[0]), layout.restore(out[1])
+            if product and _memory_order(grad) != layout.order:
+                # Eager `grad * ds` takes grad's strides (its first operand's); the reduction of
+                # the product adds in that order.
+                ds = torch.empty_like(grad).copy_(ds)
+            return grad_x, ds
+    return _backward(x, 1.0 / scale, offset, grad, qmin, qmax, product)

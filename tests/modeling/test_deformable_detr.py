@@ -16,13 +16,13 @@ ENC_LAYERS, DEC_LAYERS = 2, 3
 MODES = {"plain": (False, False), "box_refine": (True, False), "two_stage": (True, True)}
 
 
-def _build(with_box_refine=False, two_stage=False, num_feature_levels=4, in_channels=IN_CHANNELS, aux_loss=True):
+def _build(with_box_refine=False, two_stage=False, num_feature_levels=4, in_channels=IN_CHANNELS, deep_supervision=True):
     transformer = DeformableTransformer(
         d_model=D_MODEL, nhead=4, num_encoder_layers=ENC_LAYERS, num_decoder_layers=DEC_LAYERS,
         dim_feedforward=64, dropout=0.0, activation="relu", num_feature_levels=num_feature_levels,
         dec_n_points=2, enc_n_points=3, two_stage=two_stage, two_stage_num_proposals=NUM_QUERIES)
     return DeformableDETR(in_channels, transformer, NUM_CLASSES, NUM_QUERIES, num_feature_levels,
-                          PositionEmbeddingSine(D_MODEL // 2, normalize=True, offset=-0.5), aux_loss=aux_loss,
+                          PositionEmbeddingSine(D_MODEL // 2, normalize=True, offset=-0.5), deep_supervision=deep_supervision,
                           with_box_refine=with_box_refine, two_stage=two_stage).eval()
 
 
@@ -96,8 +96,8 @@ def test_output_shapes(mode):
         assert "enc_outputs" not in out and t["enc_outputs_class"] is None
 
 
-def test_no_extra_level_and_no_aux_loss():
-    model = _build(num_feature_levels=3, aux_loss=False)
+def test_no_extra_level_and_no_deep_supervision():
+    model = _build(num_feature_levels=3, deep_supervision=False)
     with torch.no_grad():
         out = model(*_inputs(model))
     assert out["pred_boxes"].shape == (2, NUM_QUERIES, 4) and "aux_outputs" not in out

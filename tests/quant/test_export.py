@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from aqdetr_d2 import add_aqdetr_config
 
 from aqdetr_d2.layers.ms_deform_attn import MSDeformAttn
-from aqdetr_d2.modeling.quantization import LAYOUTS
+from aqdetr_d2.modeling import meta_arch_class
 from aqdetr_d2.quant import QuantConfig, QuantLinear, calibrate, quantize_model
 from train_net_helpers import PLAIN_DETR
 from aqdetr_d2.quant.export import (
@@ -45,7 +45,7 @@ def images(n, seed=0, size=(96, 112)):
 
 
 def parts_of(cfg):
-    return {k.lower(): v for k, v in LAYOUTS[cfg.MODEL.META_ARCHITECTURE].parts.items()}
+    return meta_arch_class(cfg).part_patterns()
 
 
 @torch.no_grad()

@@ -11,6 +11,13 @@ from aqdetr_d2.quant import LSQQuantizer, fused
 from detection_targets import training_batch
 
 
+@pytest.fixture
+def compile_every_size(monkeypatch):
+    """The compiled kernels for every tensor (by default small ones take the eager ops)."""
+    monkeypatch.setattr(fused, "_MIN_NUMEL_FORWARD", 0)
+    monkeypatch.setattr(fused, "_MIN_NUMEL_BACKWARD", 0)
+
+
 def _eager_reference(x, scale, offset, qmin, qmax, grad_factor, grad):
     """The LSQ forward and backward as the eager chain of ops used before fusion."""
     inv = 1.0 / scale
@@ -45,7 +52,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("bits,signed,offset", [(4, True, False), (2, False, False), (3, True, True), (8, False, True)])
 @pytest.mark.parametrize("grad_strides_of_x", [False, True])
 def test_fused_lsq_is_bit_equal_to_eager_ops(shape, granularity, axis, transpose, bits, signed, offset,
-                                             grad_strides_of_x):
+                                             grad_strides_of_x, compile_every_size):
     torch.manual_seed(bits)
     x = torch.randn(shape) * 2 + (0 if signed else 1)
     if transpose:
@@ -73,7 +80,7 @@ def test_fused_lsq_is_bit_equal_to_eager_ops(shape, granularity, axis, transpose
         assert torch.equal(q(x), want)
 
 
-def test_fused_kernels_ran_compiled():
+def test_fused_kernels_ran_compiled(compile_every_size):
     """The comparison above is with the compiled kernels, not with their eager fallback."""
     if not fused._ENABLED:
         pytest.skip("AQDETR_FUSED_QUANT=0")
@@ -85,7 +92,7 @@ def test_fused_kernels_ran_compiled():
 
 
 @pytest.mark.parametrize("config", ["shapes/aqdetr_w4a4.yaml", "shapes/aq_deformable_detr_w4a4.yaml"])
-def test_quantized_model_gradients_equal_with_and_without_fusion(config, make_cfg, monkeypatch):
+def test_quantized_model_gradients_equal_with_and_without_fusion(config, make_cfg, monkeypatch, compile_every_size):
     """One training step of a W4A4A4 model with auxiliary queries (distillation off: it adds no
     quantizer): every parameter's gradient is bit-equal with the fused kernels and with eager ops."""
     cfg = make_cfg(config, "MODEL.DISTILL.ENABLED", "False", "MODEL.WEIGHTS", "")
