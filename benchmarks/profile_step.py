@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-import aqdetr_d2.modeling.meta_arch as meta_arch
+import aqdetr_d2.modeling.set_prediction as set_prediction
 from aqdetr_d2.data import DetrDatasetMapper
 from aqdetr_d2.distill.distiller import LayerDistiller
 from aqdetr_d2.engine import build_detr_optimizer
@@ -65,8 +65,8 @@ def label_parts(model):
         if isinstance(module, QuantizerBase) and module.enabled:
             module.forward = _label(module.forward, _role(name))
             undo.append(lambda m=module: m.__dict__.pop("forward", None))
-    originals = {"aux": meta_arch.aux_query_loss, "distill": LayerDistiller.forward}
-    meta_arch.aux_query_loss = _label(originals["aux"], "auxiliary-query losses")
+    originals = {"aux": set_prediction.aux_query_loss, "distill": LayerDistiller.forward}
+    set_prediction.aux_query_loss = _label(originals["aux"], "auxiliary-query losses")
     LayerDistiller.forward = _label(originals["distill"], "distillation losses")
     if model.distiller is not None:
         teacher = model.distiller.teacher
@@ -77,7 +77,7 @@ def label_parts(model):
     undo.append(lambda: criterion.__dict__.pop("forward", None))
 
     def restore():
-        meta_arch.aux_query_loss = originals["aux"]
+        set_prediction.aux_query_loss = originals["aux"]
         LayerDistiller.forward = originals["distill"]
         for fn in undo:
             fn()

@@ -15,6 +15,7 @@ from aqdetr_d2.config import load_config
 from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.engine import build_detr_optimizer
 from aqdetr_d2.quant import calibrate
+from timing import train_and_eval_times  # benchmarks/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (800, 1333)
@@ -42,9 +43,8 @@ def _cfg(path, device, opts):
     return load_config(os.path.join(ROOT, path), ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", *opts])
 
 
-def bench_r50(arch, timed, device, repeats, workdir):
-    """Rows for `arch` (a key of R50_CONFIGS): float, LSQ W4A4A4, AQ-DETR; `timed(fn, repeats,
-    device)` is run.py's median timer."""
+def bench_r50(arch, device, repeats, workdir):
+    """Rows for `arch` (a key of R50_CONFIGS): float, LSQ W4A4A4, AQ-DETR."""
     float_cfg, lsq_cfg, aq_cfg = R50_CONFIGS[arch]
     generator = torch.Generator().manual_seed(0)
     batch = [synthetic_input(device, generator)]
@@ -66,22 +66,8 @@ def bench_r50(arch, timed, device, repeats, workdir):
         if cfg.MODEL.DISTILL.ENABLED:
             model.distiller = build_distiller(cfg)
         optimizer = build_detr_optimizer(cfg, model)
-
-        def train_step():
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        model.train()
-        step = timed(train_step, repeats, device)
-        model.eval()
-        with torch.no_grad():
-            latency = timed(lambda: model(image), repeats, device)
-        rows.append({"model": f"{arch} {name}", "config": path, "options": opts, "batch": 1, "train_step_s": step,
-                     "train_iter_per_s": 1 / step, "eval_latency_s": latency, "eval_images_per_s": 1 / latency,
-                     "peak_train_memory_mb": None, "image": list(SIZE),
-                     "parameters": sum(p.numel() for p in model.parameters())})
+        times = train_and_eval_times(model, optimizer, batch, image, device, repeats, repeats)
+        rows.append({"model": f"{arch} {name}", "config": path, "options": opts, "image": list(SIZE), **times})
     for r in rows:
         r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
         r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]

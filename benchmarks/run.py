@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -34,9 +32,10 @@ from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.engine import build_detr_optimizer, initialize_quantizers
 from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
 from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
-from aqdetr_d2.quant import export_quantized
+from aqdetr_d2.quant import export_quantized, fused
 from onnx_runtime import bench_onnx, onnx_markdown  # benchmarks/, beside this script
 from r50_step import R50_CONFIGS, bench_r50
+from timing import timed, train_and_eval_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Architecture -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
@@ -49,21 +48,6 @@ CONFIGS = {
 
 def _cfg(path, device, opts=()):
     return load_config(os.path.join(ROOT, path), ["MODEL.DEVICE", device, *opts])
-
-
-def _timed(fn, repeats, device):
-    """Median seconds of `repeats` calls after two warm-up calls."""
-    times = []
-    for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _variants(configs, teacher_weights):
@@ -94,30 +78,10 @@ def bench_model(name, path, device, repeats, opts=()):
     batch = [mapper(d) for d in dicts[: cfg.SOLVER.IMS_PER_BATCH]]
     model = _build(cfg)
     optimizer = build_detr_optimizer(cfg, model)
-
-    def train_step():
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    step = _timed(train_step, repeats, device)
     test_mapper = DetrDatasetMapper(cfg, is_train=False)
     image = [test_mapper(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0])]
-    model.eval()
-    with torch.no_grad():
-        latency = _timed(lambda: model(image), repeats * 4, device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        model.train()
-        train_step()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = None
-    return {"model": name, "config": path, "options": list(opts), "batch": len(batch), "train_step_s": step,
-            "train_iter_per_s": 1 / step, "eval_latency_s": latency, "eval_images_per_s": 1 / latency,
-            "peak_train_memory_mb": peak, "parameters": sum(p.numel() for p in model.parameters())}
+    times = train_and_eval_times(model, optimizer, batch, image, device, repeats, repeats * 4)
+    return {"model": name, "config": path, "options": list(opts), **times}
 
 
 def bench_deform_attn(device, quick):
@@ -130,8 +94,8 @@ def bench_deform_attn(device, quick):
     locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen).to(device)
     weights = torch.rand(batch, queries, heads, len(shapes), points, generator=gen).softmax(-1).to(device)
     spatial = torch.as_tensor(shapes, device=device)
-    fast = _timed(lambda: ms_deform_attn(value, spatial, locations, weights), 20, device)
-    naive = _timed(lambda: ms_deform_attn_reference(value, spatial, locations, weights), 1 if quick else 3, device)
+    fast = timed(lambda: ms_deform_attn(value, spatial, locations, weights), 20, device)
+    naive = timed(lambda: ms_deform_attn_reference(value, spatial, locations, weights), 1 if quick else 3, device)
     return {"shapes": shapes, "batch": batch, "queries": queries, "heads": heads, "points": points,
             "grid_sample_s": fast, "naive_loop_s": naive, "speedup": naive / fast}
 
@@ -155,6 +119,9 @@ def bench_architecture(arch, configs, device, repeats, workdir):
     # Random float weights stand in for the teacher: speed and size do not depend on them.
     torch.save({"model": build_model(cfg).state_dict()}, teacher_weights)
     rows = [bench_model(f"{arch} {name}", p, device, repeats, opts) for name, p, opts in _variants(configs, teacher_weights)]
+    with fused.eager_ops():  # what the fused quantizer kernels save, in the same run
+        rows.append(bench_model(f"{arch} LSQ W4A4A4, eager fake-quant ops", configs[1], device, repeats,
+                                ["MODEL.WEIGHTS", teacher_weights]))
     for r in rows:
         r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
         r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]
@@ -201,7 +168,7 @@ def main():
     repeats = 3 if args.quick else 10
     results = {"device": args.device, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
-               # glibc malloc settings change CPU step times a lot (README, "Train and evaluate").
+               # glibc malloc settings change CPU step times a lot (docs/training.md, "Train and evaluate").
                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
                "models": [], "export": {}}
@@ -211,7 +178,7 @@ def main():
             results["models"] += rows
             results["export"][arch] = export
         for arch in R50_CONFIGS if args.r50 else ():
-            results["models"] += bench_r50(arch, _timed, args.device, 1 if args.quick else 3, workdir)
+            results["models"] += bench_r50(arch, args.device, 1 if args.quick else 3, workdir)
         if args.onnx or args.onnx_only:
             results["onnx"] = bench_onnx(workdir, repeats)
             results["onnx_threads"] = os.cpu_count()

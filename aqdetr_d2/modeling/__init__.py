@@ -1,3 +1,4 @@
-from .meta_arch import AQDETR, AQDeformableDETR, meta_arch_class
+from .meta_arch import AQDETR, AQDeformableDETR
+from .set_prediction import SetPredictionDetector, meta_arch_class
 
-__all__ = ["AQDETR", "AQDeformableDETR", "meta_arch_class"]
+__all__ = ["AQDETR", "AQDeformableDETR", "SetPredictionDetector", "meta_arch_class"]

@@ -16,6 +16,7 @@ makes later processes fast). Small tensors, and every tensor where compilation i
 (`AQDETR_FUSED_QUANT=0`), unavailable, tracing for export, or failed (logged once), take the
 eager ops on the tensors as they are.
 """
+import contextlib
 import logging
 import os
 from typing import Optional, Tuple
@@ -58,6 +59,17 @@ _compiled_backward = torch.compile(_backward, dynamic=True)
 # up to about a dozen per function, above Dynamo's default limit of 8, past which it would
 # silently run the rest eagerly.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+
+@contextlib.contextmanager
+def eager_ops():
+    """Within the block every quantizer runs the eager ops (to measure what fusion saves)."""
+    global _ENABLED
+    enabled, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = enabled
 
 
 def _use_compiled(x: Tensor, min_numel: int) -> bool:

@@ -80,7 +80,7 @@ def test_onnxruntime_ap_matches_eval_only(project_root, exported, small_val, tmp
     ort_ap, torch_ap = copypaste_ap(ort_run.stdout + ort_run.stderr), copypaste_ap(torch_run.stdout + torch_run.stderr)
     # A real model (the committed teacher, calibrated as --eval-only calibrates it): on 24 images
     # a few boxes that move by a rounding flip can shift AP by up to ~1.5 points; on the 1000
-    # shapes_val images the two agree to 0.3 AP (README, Deploy).
+    # shapes_val images the two agree to 0.3 AP (docs/deploy.md).
     assert torch_ap > 10 and abs(ort_ap - torch_ap) < 1.5, (ort_ap, torch_ap)
 
 
