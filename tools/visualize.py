@@ -168,7 +168,7 @@ def cmd_attention(args) -> str:
         logits = outputs["pred_logits"][0]
         queries = scores.argsort(descending=True)[:args.num_queries].tolist() if two_stage else shared
         boxes = boxes_xyxy(outputs["pred_boxes"][0], hw)
-        layers = sampling if deformable else outputs["transformer"]["dec_cross_attn"]
+        layers = sampling if deformable else outputs["states"].internals["dec_cross_attn"]
         if not -len(layers) <= args.layer < len(layers):
             raise SystemExit(f"error: --layer {args.layer} out of range for {len(layers)} decoder layers")
         layer_id = args.layer % len(layers)
@@ -181,13 +181,13 @@ def cmd_attention(args) -> str:
                 vis.draw_sampling_panel(axes[row, col], image, rec["locations"][0, q], rec["weights"][0, q],
                                         title, box_xyxy=boxes[q])
             else:
-                out = outputs["transformer"]
+                out = outputs["states"].internals
                 fhw = vis.feature_shape(out["dec_cross_attn"][layer_id].shape[-1], hw)
                 heat = vis.detr_cross_attention_map(out, layer_id, q, fhw)
                 vis.draw_heatmap_panel(axes[row, col], image, heat, title, box_xyxy=boxes[q])
         if not deformable:
             # Encoder self-attention of the feature cell under the centre of the teacher's best box.
-            out = outputs["transformer"]
+            out = outputs["states"].internals
             enc_layers = out["enc_attn"]
             in_range = -len(enc_layers) <= args.layer < len(enc_layers)
             enc_id = args.layer % len(enc_layers) if in_range else len(enc_layers) - 1

@@ -49,40 +49,52 @@ def _layer_predictions(outputs: Dict) -> List[Dict[str, Tensor]]:
                                                      "pred_boxes": outputs["pred_boxes"]}]
 
 
+def _encoder_pairs(student_out: Dict, teacher_layers) -> List[EncoderPair]:
+    """Student encoder layers beside the teacher's (output (B, S, C), attention) pairs."""
+    st = student_out["states"]
+    valid = ~st.padding_mask
+    return [EncoderPair(s_attn, t_attn, s_out, t_out, valid)
+            for s_out, s_attn, (t_out, t_attn) in zip(st.encoder_states, st.encoder_attention, teacher_layers)]
+
+
+def _parallel_layers(teacher_out: Dict):
+    t = teacher_out["states"]
+    return list(zip(t.encoder_states, t.encoder_attention))
+
+
+def _decoder_pairs(student_out: Dict, teacher_hidden, teacher_preds) -> List[DecoderPair]:
+    student_preds = _layer_predictions(student_out)
+    return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
+            for s_h, t_h, s_p, t_p in zip(student_out["states"].decoder_states, teacher_hidden, student_preds,
+                                          teacher_preds)]
+
+
 class DETRAdapter:
-    """`AQDETR`: seq-first tensors, explicit attention maps; one shared head for every layer, or
-    one head per layer with box refinement (then each layer refines the student's anchors)."""
+    """`AQDETR`: explicit attention maps; its transformer is seq-first inside, so teacher-forced
+    layers take seq-first inputs; one shared head for every layer, or one head per layer with box
+    refinement (then each layer refines the student's anchors)."""
 
     attention_kind = "softmax_map"
 
     @staticmethod
     def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
-        tr = student_out["transformer"]
-        valid = ~tr["mask"]
         if teacher_out is not None:
-            t = teacher_out["transformer"]
-            teacher_layers = list(zip(t["enc_states"], t["enc_attn"]))
-        else:
-            inputs = [tr["enc_input"]] + tr["enc_states"][:-1]
-            with torch.no_grad():
-                teacher_layers = [layer(x.detach(), src_key_padding_mask=tr["mask"], pos=tr["pos"].detach())
-                                  for layer, x in zip(teacher.transformer.encoder.layers, inputs)]
-        return [EncoderPair(s_attn, t_attn, s_out.transpose(0, 1), t_out.transpose(0, 1), valid)
-                for s_out, s_attn, (t_out, t_attn) in zip(tr["enc_states"], tr["enc_attn"], teacher_layers)]
+            return _encoder_pairs(student_out, _parallel_layers(teacher_out))
+        tr = student_out["states"].internals
+        inputs = [tr["enc_input"]] + tr["enc_states"][:-1]
+        with torch.no_grad():
+            teacher_layers = [layer(x.detach(), src_key_padding_mask=tr["mask"], pos=tr["pos"].detach())
+                              for layer, x in zip(teacher.transformer.encoder.layers, inputs)]
+        return _encoder_pairs(student_out, [(out.transpose(0, 1), attn) for out, attn in teacher_layers])
 
     @classmethod
     def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
-        tr = student_out["transformer"]
-        student_preds = _layer_predictions(student_out)
         if teacher_out is not None:
             if teacher.two_stage:
                 raise ValueError(_PARALLEL_TWO_STAGE.format(name="DETR"))
-            t_hidden = list(teacher_out["transformer"]["hs"])
-            t_preds = _layer_predictions(teacher_out)
-        else:
-            t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher)
-        return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
-                for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
+            return _decoder_pairs(student_out, list(teacher_out["states"].decoder_states),
+                                  _layer_predictions(teacher_out))
+        return _decoder_pairs(student_out, *cls._teacher_forced_decoder(student_out["states"].internals, teacher))
 
     @staticmethod
     @torch.no_grad()
@@ -112,35 +124,27 @@ class DeformableDETRAdapter:
 
     @staticmethod
     def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
-        tr = student_out["transformer_out"]
-        valid = ~tr["mask_flatten"]
         if teacher_out is not None:
-            t = teacher_out["transformer_out"]
-            teacher_layers = list(zip(t["enc_states"], t["enc_attn_weights"]))
-        else:
-            encoder = teacher.detector.transformer.encoder
-            reference = encoder.get_reference_points(tr["spatial_shapes"], tr["valid_ratios"])
-            inputs = [tr["src_flatten"]] + tr["enc_states"][:-1]
-            with torch.no_grad():
-                teacher_layers = [layer(x.detach(), tr["pos_flatten"].detach(), reference, tr["spatial_shapes"],
-                                        tr["level_start_index"], tr["mask_flatten"])
-                                  for layer, x in zip(encoder.layers, inputs)]
-        return [EncoderPair(s_w, t_w, s_out, t_out, valid)
-                for s_out, s_w, (t_out, t_w) in zip(tr["enc_states"], tr["enc_attn_weights"], teacher_layers)]
+            return _encoder_pairs(student_out, _parallel_layers(teacher_out))
+        tr = student_out["states"].internals
+        encoder = teacher.detector.transformer.encoder
+        reference = encoder.get_reference_points(tr["spatial_shapes"], tr["valid_ratios"])
+        inputs = [tr["src_flatten"]] + tr["enc_states"][:-1]
+        with torch.no_grad():
+            teacher_layers = [layer(x.detach(), tr["pos_flatten"].detach(), reference, tr["spatial_shapes"],
+                                    tr["level_start_index"], tr["mask_flatten"])
+                              for layer, x in zip(encoder.layers, inputs)]
+        return _encoder_pairs(student_out, teacher_layers)
 
     @classmethod
     def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
-        tr = student_out["transformer_out"]
-        student_preds = _layer_predictions(student_out)
         if teacher_out is not None:
             if teacher.detector.two_stage:
                 raise ValueError(_PARALLEL_TWO_STAGE.format(name="Deformable-DETR"))
-            t_hidden = list(teacher_out["transformer_out"]["hs"])
-            t_preds = _layer_predictions(teacher_out)
-        else:
-            t_hidden, t_preds = cls._teacher_forced_decoder(tr, teacher.detector)
-        return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
-                for s_h, t_h, s_p, t_p in zip(tr["hs"], t_hidden, student_preds, t_preds)]
+            return _decoder_pairs(student_out, list(teacher_out["states"].decoder_states),
+                                  _layer_predictions(teacher_out))
+        return _decoder_pairs(student_out,
+                              *cls._teacher_forced_decoder(student_out["states"].internals, teacher.detector))
 
     @staticmethod
     @torch.no_grad()

@@ -21,14 +21,16 @@ At inference the auxiliary queries do not exist: no embedding is read, no mask i
 predictions equal those of the same weights without them.
 
 Layout of the outputs in training (see `split_query_outputs`): the detector's outputs keep
-their usual keys for the object queries only, and "aux_query_outputs" holds the same
-structure for the auxiliary queries.
+their usual keys for the object queries only (their "states" cut to those queries), and
+"aux_query_outputs" holds the same structure for the auxiliary queries.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
+
+from .outputs import SELF_ATTN, QueryAxes
 
 Targets = List[Dict[str, Tensor]]
 
@@ -108,11 +110,8 @@ class AuxQueries:
         return ids[:, None] != ids[None, :]
 
 
-# How to cut each entry of a transformer's output dict between object and auxiliary queries:
-# the query axis of the tensor (or of every tensor of a per-layer list), or SELF_ATTN for the
-# (B, H, Q, Q) decoder self-attention maps (cut on both query axes). Entries not listed (the
+# Query axes of each transformer's `internals` (see outputs.py): entries not listed (the
 # encoder's, the memory, ...) are shared by both query sets and passed through unchanged.
-SELF_ATTN = "self_attn"
 DETR_QUERY_AXES: Dict[str, Union[int, str]] = {
     "hs": 2,  # (L, B, Q, C)
     "dec_raw_states": 0,  # per layer (Q, B, C)
@@ -136,14 +135,6 @@ DEFORMABLE_DETR_QUERY_AXES: Dict[str, Union[int, str]] = {
 }
 
 
-def _cut(x, axis, index: slice):
-    if isinstance(x, (list, tuple)):
-        return [_cut(v, axis, index) for v in x]
-    if axis == SELF_ATTN:
-        return x[..., index, index]
-    return x[(slice(None),) * axis + (index,)]
-
-
 def _cut_predictions(outputs: Mapping, index: slice) -> Dict:
     out = {"pred_logits": outputs["pred_logits"][:, index], "pred_boxes": outputs["pred_boxes"][:, index]}
     if "aux_outputs" in outputs:
@@ -151,17 +142,16 @@ def _cut_predictions(outputs: Mapping, index: slice) -> Dict:
     return out
 
 
-def split_query_outputs(outputs: Mapping, num_object_queries: int, transformer_key: str,
-                        query_axes: Mapping[str, Union[int, str]]) -> Dict:
+def split_query_outputs(outputs: Mapping, num_object_queries: int, query_axes: QueryAxes) -> Dict:
     """Split a training forward over [object | auxiliary] queries into the two query sets.
 
     Args:
         outputs: "pred_logits" (B, Q_total, K), "pred_boxes" (B, Q_total, 4), optional
             "aux_outputs" (per-layer list of the same), optional "enc_outputs" (two-stage
-            proposals, kept with the object queries) and the transformer dict under
-            `transformer_key`.
+            proposals, kept with the object queries) and "states" (`TransformerStates`).
         num_object_queries: N; queries [0, N) are the object queries, the rest auxiliary.
-        query_axes: `DETR_QUERY_AXES` or `DEFORMABLE_DETR_QUERY_AXES`.
+        query_axes: the query axes of the states' internals: `DETR_QUERY_AXES` or
+            `DEFORMABLE_DETR_QUERY_AXES`.
     Returns:
         the object-query outputs (same keys, every query-indexed tensor cut to N queries) with
         "aux_query_outputs": the same structure for the auxiliary queries (no "enc_outputs").
@@ -171,12 +161,9 @@ def split_query_outputs(outputs: Mapping, num_object_queries: int, transformer_k
     aux_result = _cut_predictions(outputs, aux)
     if "enc_outputs" in outputs:
         result["enc_outputs"] = outputs["enc_outputs"]
-    if transformer_key in outputs:
-        tr = outputs[transformer_key]
-        result[transformer_key] = {k: _cut(v, query_axes[k], obj) if k in query_axes and v is not None else v
-                                   for k, v in tr.items()}
-        aux_result[transformer_key] = {k: _cut(v, query_axes[k], aux) if k in query_axes and v is not None else v
-                                       for k, v in tr.items()}
+    if "states" in outputs:
+        result["states"] = outputs["states"].cut_queries(obj, query_axes)
+        aux_result["states"] = outputs["states"].cut_queries(aux, query_axes)
     for key in outputs:
         if key not in result and key not in aux_result:
             result[key] = outputs[key]

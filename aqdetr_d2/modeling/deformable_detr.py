@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..layers.box_ops import inverse_sigmoid
 from ..layers.mlp import MLP
 from .deformable_transformer import DeformableTransformer
+from .outputs import TransformerStates
 
 
 class DeformableDETR(nn.Module):
@@ -160,7 +161,8 @@ class DeformableDETR(nn.Module):
               {"pred_logits", "pred_boxes"};
             - "enc_outputs": in two-stage, {"pred_logits": (B, S, num_classes),
               "pred_boxes": (B, S, 4)} of the encoder proposals;
-            - "transformer_out": the transformer's dict (per-layer states, attention weights, ...).
+            - "states": `TransformerStates` (per-layer states and attention weights, the
+              transformer's dict as its internals).
         """
         if not (len(features) == len(masks) == len(pos) == self.num_backbone_levels):
             raise ValueError(f"expected {self.num_backbone_levels} backbone levels, got "
@@ -191,5 +193,6 @@ class DeformableDETR(nn.Module):
         if self.two_stage:
             result["enc_outputs"] = {"pred_logits": out["enc_outputs_class"],
                                      "pred_boxes": out["enc_outputs_coord_unact"].sigmoid()}
-        result["transformer_out"] = out
+        result["states"] = TransformerStates(encoder_states=out["enc_states"], encoder_attention=out["enc_attn_weights"],
+                                             padding_mask=out["mask_flatten"], decoder_states=hs, internals=out)
         return result

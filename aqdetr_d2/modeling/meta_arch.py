@@ -23,6 +23,7 @@ from .deformable_transformer import DeformableTransformer
 from .matcher import HungarianMatcher
 from .quantization import DEFORMABLE_DETR_LAYOUT, DETR_LAYOUT, maybe_quantize
 from .query_selection import EncoderQuerySelection
+from .outputs import TransformerStates
 from .set_prediction import TEACHER_MATCHING_KEYS, SetPredictionDetector, check_heads, pixel_stats
 from .transformer import Transformer
 
@@ -140,7 +141,7 @@ class AQDETR(SetPredictionDetector):
 
     def predict(self, images: ImageList) -> Dict:
         """-> "pred_logits" (B, Q, K + 1, or K with focal loss), "pred_boxes" (B, Q, 4),
-        "aux_outputs", "transformer", in two-stage "enc_outputs" (the scored proposals); in
+        "aux_outputs", "states" (`TransformerStates`), in two-stage "enc_outputs" (the scored proposals); in
         training with auxiliary queries also "aux_query_outputs" (see `split_query_outputs`)."""
         features, masks = masked_features(self.backbone, images, self.in_features)
         src, mask = features[-1], masks[-1]
@@ -173,11 +174,14 @@ class AQDETR(SetPredictionDetector):
             logits, boxes = [head(h) for head, h in zip(self.class_embed, out["hs"])], out["dec_boxes"]
         else:
             logits, boxes = self.class_embed(out["hs"]), self.bbox_embed(out["hs"]).sigmoid()
-        outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1], transformer=out)
+        states = TransformerStates(encoder_states=[s.transpose(0, 1) for s in out["enc_states"]],
+                                   encoder_attention=out["enc_attn"], padding_mask=out["mask"],
+                                   decoder_states=out["hs"], internals=out)
+        outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1], states=states)
         if self.deep_supervision:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if tgt_mask is not None:
-            outputs = split_query_outputs(outputs, self.num_queries, "transformer", DETR_QUERY_AXES)
+            outputs = split_query_outputs(outputs, self.num_queries, DETR_QUERY_AXES)
         return outputs
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
@@ -270,7 +274,7 @@ class AQDeformableDETR(SetPredictionDetector):
         else:
             queries = torch.cat([self.detector.query_embed.weight, self.aux_query_embed.weight])
             out = self.detector(features, masks, pos, self_attn_mask=attn_mask, query_embeds=queries)
-        return split_query_outputs(out, num_queries, "transformer_out", DEFORMABLE_DETR_QUERY_AXES)
+        return split_query_outputs(out, num_queries, DEFORMABLE_DETR_QUERY_AXES)
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
         """Top-k (query, class) pairs by sigmoid score: logits (B, Q, K), boxes (B, Q, 4)."""

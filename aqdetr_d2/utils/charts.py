@@ -15,10 +15,7 @@ __all__ = ["ablation_bar_chart", "query_hidden_states", "query_histograms"]
 def query_hidden_states(outputs: Dict) -> Tensor:
     """Decoder outputs of the object queries of every layer, (L, B, Q, C), from `predict`'s
     outputs of either meta-architecture (DETR: normalized by the decoder's shared norm)."""
-    out = outputs.get("transformer", outputs.get("transformer_out"))
-    if out is None:
-        raise KeyError("outputs hold neither 'transformer' (AQDETR) nor 'transformer_out' (AQDeformableDETR)")
-    return out["hs"]
+    return outputs["states"].decoder_states
 
 
 def _histogram_kl(p_counts: np.ndarray, q_counts: np.ndarray, eps: float = 1e-6) -> float:

@@ -154,7 +154,7 @@ def detr_cross_attention_map(transformer_out: Dict, layer: int, query: int, hw: 
                              image_index: int = 0) -> np.ndarray:
     """DETR decoder cross-attention of one query, averaged over heads: (h, w) over the feature
     map, as probabilities before the attention quantizer.
-    `transformer_out` is `predict(...)["transformer"]`, whose "dec_cross_attn" holds
+    `transformer_out` is `predict(...)["states"].internals`, whose "dec_cross_attn" holds
     per decoder layer (B, H, Q, S)."""
     attn = transformer_out["dec_cross_attn"][layer][image_index, :, query]  # (H, S)
     return attn.float().mean(0).reshape(hw).cpu().numpy()

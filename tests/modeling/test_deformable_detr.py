@@ -68,7 +68,11 @@ def test_output_shapes(mode):
     assert torch.isfinite(boxes).all() and (boxes >= 0).all() and (boxes <= 1).all()
     assert torch.isfinite(out["pred_logits"]).all()
 
-    t = out["transformer_out"]
+    states = out["states"]
+    assert states.decoder_states is states.internals["hs"] and states.padding_mask is states.internals["mask_flatten"]
+    assert states.encoder_states is states.internals["enc_states"]
+    assert states.encoder_attention is states.internals["enc_attn_weights"]
+    t = states.internals
     # 8x12, 4x6, 2x3 from the backbone, then 1x2 from the extra stride-2 conv.
     assert t["spatial_shapes"].tolist() == [[8, 12], [4, 6], [2, 3], [1, 2]]
     assert t["level_start_index"].tolist() == [0, 96, 120, 126]
@@ -227,7 +231,7 @@ def test_self_attn_mask_isolates_query_groups(mode):
         assert (unmasked[key][:, :n] - alone[key]).abs().max() > 1e-4
     for got, ref in zip(grouped["aux_outputs"], alone["aux_outputs"]):
         torch.testing.assert_close(got["pred_boxes"][:, :n], ref["pred_boxes"], rtol=1e-5, atol=1e-6)
-    assert grouped["transformer_out"]["dec_self_attn"][0][:, :, :n, n:].abs().max() == 0
+    assert grouped["states"].internals["dec_self_attn"][0][:, :, :n, n:].abs().max() == 0
 
 
 def test_invalid_configurations_raise():

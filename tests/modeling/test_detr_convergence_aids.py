@@ -102,7 +102,7 @@ def test_each_layer_refines_the_previous_layers_boxes(make_cfg, mode):
     model = _perturb(build_model(_cfg(make_cfg, *MODES[mode]))).eval()
     with torch.no_grad():
         out = model.predict(model.preprocess_image(_batch()))
-    tr = out["transformer"]
+    tr = out["states"].internals
     refs, boxes = tr["dec_references"], tr["dec_boxes"]
     assert len(refs) == len(boxes) == DEC_LAYERS
     for lvl in range(DEC_LAYERS):
@@ -123,7 +123,7 @@ def test_each_layer_refines_the_previous_layers_boxes(make_cfg, mode):
 def test_refinement_does_not_backpropagate_through_references(make_cfg):
     model = _perturb(build_model(_cfg(make_cfg, *MODES["anchors"]))).train()
     out = model.predict(model.preprocess_image(_batch()))
-    tr = out["transformer"]
+    tr = out["states"].internals
     assert all(not r.requires_grad for r in tr["dec_references"][1:])
     # The first layer's boxes become the next anchors only detached, as in Deformable-DETR.
     grad = torch.autograd.grad(out["pred_boxes"].sum(), tr["dec_boxes"][0], allow_unused=True)[0]
@@ -136,7 +136,7 @@ def test_two_stage_queries_are_the_best_scored_proposals(make_cfg):
     images = model.preprocess_image(_batch())
     with torch.no_grad():
         out = model.predict(images)
-        tr = out["transformer"]
+        tr = out["states"].internals
         # Encoder features of every position, as the selection computes them (res3: stride 8).
         shape = (images.tensor.shape[-2] // 8, images.tensor.shape[-1] // 8)
         _, valid = encoder_proposals(tr["mask"], [shape])
@@ -208,8 +208,8 @@ def test_spatial_prior_draws_cross_attention_to_the_anchor(make_cfg):
     without.load_state_dict(with_prior.state_dict())  # the prior has no parameters
     images = with_prior.preprocess_image(_batch())
     with torch.no_grad():
-        tr = with_prior.predict(images)["transformer"]
-        tr_plain = without.predict(images)["transformer"]
+        tr = with_prior.predict(images)["states"].internals
+        tr_plain = without.predict(images)["states"].internals
     assert "dec_cross_attn_prior" not in tr_plain
     shape = (images.tensor.shape[-2] // 8, images.tensor.shape[-1] // 8)
     centers = cell_centers(tr["mask"], [shape])
