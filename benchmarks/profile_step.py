@@ -11,7 +11,7 @@ the length of the profile (the library itself carries no profiler labels):
 
     weight / activation / attention quantizers   QuantizerBase.forward, by the quantizer's place
     quantizer backward                           the LSQ autograd function's backward
-    teacher forward                              the distiller's teacher.predict
+    teacher forward                              the teacher's backbone and transformer layers
     distillation losses                          the rest of LayerDistiller.forward
     auxiliary-query losses (K-group matching)    aux_query_loss (its Hungarian matching inside)
     detection loss (matching)                    the criterion on the object queries
@@ -22,6 +22,7 @@ top operators by self time.
 import argparse
 import functools
 import os
+import re
 import sys
 import tempfile
 
@@ -39,6 +40,7 @@ from aqdetr_d2.quant import QuantizerBase
 from aqdetr_d2.quant.attention import QUANT_POINTS
 from run import CONFIGS, _build, _cfg, _variants  # benchmarks/run.py, beside this script
 
+TEACHER_LAYER = re.compile(r"(.*\.)?(encoder|decoder)\.layers\.\d+")
 PARTS = ["weight quantizers", "activation quantizers", "attention quantizers", "quantizer backward",
          "teacher forward", "distillation losses", "auxiliary-query losses", "detection loss"]
 
@@ -69,9 +71,13 @@ def label_parts(model):
     set_prediction.aux_query_loss = _label(originals["aux"], "auxiliary-query losses")
     LayerDistiller.forward = _label(originals["distill"], "distillation losses")
     if model.distiller is not None:
-        teacher = model.distiller.teacher
-        teacher.predict = _label(teacher.predict, "teacher forward")
-        undo.append(lambda: teacher.__dict__.pop("predict", None))
+        # The teacher's backbone and transformer layers, which teacher-forced distillation runs one by
+        # one on the student's inputs (inside the distillation losses) and parallel mode through
+        # teacher.predict; labelled per module so that the label never nests in itself.
+        for name, module in model.distiller.teacher.named_modules():
+            if name == "backbone" or TEACHER_LAYER.fullmatch(name):
+                module.forward = _label(module.forward, "teacher forward")
+                undo.append(lambda m=module: m.__dict__.pop("forward", None))
     criterion = model.criterion
     criterion.forward = _label(criterion.forward, "detection loss")
     undo.append(lambda: criterion.__dict__.pop("forward", None))
