@@ -205,7 +205,15 @@ def _anchor_embedding(num: int) -> nn.Embedding:
 
 @META_ARCH_REGISTRY.register()
 class AQDeformableDETR(SetPredictionDetector):
-    """Deformable-DETR (Zhu et al. 2021) with pure-PyTorch multi-scale deformable attention."""
+    """Deformable-DETR (Zhu et al. 2021) with pure-PyTorch multi-scale deformable attention.
+
+    Unlike `AQDETR`, the network after the backbone is a submodule, `self.detector`
+    (`DeformableDETR`), because that module is the official code's `DeformableDETR` without its
+    backbone, parameter for parameter: official checkpoints convert by a prefix, the tests run it
+    alone against the official layout and two-stage / refinement variants, and every checkpoint
+    written so far (the committed teacher, QAT runs, exports) names its tensors `detector.*`.
+    Flattening it would rename every parameter and needs a checkpoint migration first.
+    """
 
     config_node = "DEFORMABLE_DETR"
     quant_layout = DEFORMABLE_DETR_LAYOUT
