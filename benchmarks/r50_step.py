@@ -15,7 +15,7 @@ from aqdetr_d2.config import load_config
 from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.engine import build_detr_optimizer
 from aqdetr_d2.quant import calibrate
-from timing import train_and_eval_times  # benchmarks/, beside this script
+from timing import add_ratios, train_and_eval_times  # benchmarks/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (800, 1333)
@@ -50,7 +50,9 @@ def bench_r50(arch, device, repeats, workdir):
     batch = [synthetic_input(device, generator)]
     teacher_weights = os.path.join(workdir, f"{arch}_float.pth")
     torch.manual_seed(0)
-    torch.save({"model": build_model(_cfg(float_cfg, device, [])).state_dict()}, teacher_weights)
+    float_state = build_model(_cfg(float_cfg, device, [])).state_dict()
+    torch.save({"model": float_state}, teacher_weights)  # the distiller reads its teacher from a file
+    image = [{k: v for k, v in batch[0].items() if k != "instances"}]
     variants = [("float", float_cfg, []), ("LSQ W4A4A4", lsq_cfg, []),
                 ("W4A4A4 + aux queries + distillation", aq_cfg,
                  ["MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights,
@@ -59,8 +61,7 @@ def bench_r50(arch, device, repeats, workdir):
     for name, path, opts in variants:
         cfg = _cfg(path, device, opts)
         model = build_model(cfg)
-        model.load_state_dict(torch.load(teacher_weights, weights_only=True)["model"], strict=False)
-        image = [{k: v for k, v in batch[0].items() if k != "instances"}]
+        model.load_state_dict(float_state, strict=False)
         if cfg.MODEL.QUANT.ENABLED:
             calibrate(model.eval(), [image])
         if cfg.MODEL.DISTILL.ENABLED:
@@ -68,7 +69,4 @@ def bench_r50(arch, device, repeats, workdir):
         optimizer = build_detr_optimizer(cfg, model)
         times = train_and_eval_times(model, optimizer, batch, image, device, repeats, repeats)
         rows.append({"model": f"{arch} {name}", "config": path, "options": opts, "image": list(SIZE), **times})
-    for r in rows:
-        r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
-        r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]
-    return rows
+    return add_ratios(rows)

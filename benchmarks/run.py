@@ -35,7 +35,7 @@ from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
 from aqdetr_d2.quant import export_quantized, fused
 from onnx_runtime import bench_onnx, onnx_markdown  # benchmarks/, beside this script
 from r50_step import R50_CONFIGS, bench_r50
-from timing import timed, train_and_eval_times
+from timing import add_ratios, timed, train_and_eval_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Architecture -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
@@ -122,10 +122,7 @@ def bench_architecture(arch, configs, device, repeats, workdir):
     with fused.eager_ops():  # what the fused quantizer kernels save, in the same run
         rows.append(bench_model(f"{arch} LSQ W4A4A4, eager fake-quant ops", configs[1], device, repeats,
                                 ["MODEL.WEIGHTS", teacher_weights]))
-    for r in rows:
-        r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
-        r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]
-    return rows, bench_export(configs[1], device, teacher_weights, workdir)
+    return add_ratios(rows), bench_export(configs[1], device, teacher_weights, workdir)
 
 
 def markdown(results):

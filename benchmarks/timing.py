@@ -43,3 +43,11 @@ def train_and_eval_times(model, optimizer, batch, image, device, train_repeats, 
     return {"batch": len(batch), "train_step_s": step, "train_iter_per_s": 1 / step, "eval_latency_s": latency,
             "eval_images_per_s": 1 / latency, "peak_train_memory_mb": peak,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def add_ratios(rows: list) -> list:
+    """Each row's train step and eval latency as ratios to the first row's (the float model)."""
+    for r in rows:
+        r["train_ratio"] = r["train_step_s"] / rows[0]["train_step_s"]
+        r["eval_ratio"] = r["eval_latency_s"] / rows[0]["eval_latency_s"]
+    return rows

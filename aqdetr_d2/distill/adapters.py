@@ -49,52 +49,62 @@ def _layer_predictions(outputs: Dict) -> List[Dict[str, Tensor]]:
                                                      "pred_boxes": outputs["pred_boxes"]}]
 
 
-def _encoder_pairs(student_out: Dict, teacher_layers) -> List[EncoderPair]:
-    """Student encoder layers beside the teacher's (output (B, S, C), attention) pairs."""
-    st = student_out["states"]
-    valid = ~st.padding_mask
-    return [EncoderPair(s_attn, t_attn, s_out, t_out, valid)
-            for s_out, s_attn, (t_out, t_attn) in zip(st.encoder_states, st.encoder_attention, teacher_layers)]
+class _Adapter:
+    """Pairs built from the shared `TransformerStates` of student and (parallel mode) teacher.
+    Subclasses give only what differs per architecture: where the teacher's transformer and
+    heads live (`network`), and how its layers run on the student's inputs (teacher forcing,
+    from the states' `internals`)."""
+
+    attention_kind: str
+    name: str
+
+    @staticmethod
+    def network(teacher):
+        """The module holding the teacher's `transformer`, `two_stage` and `layer_predictions`."""
+        return teacher
+
+    @classmethod
+    def encoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
+        if teacher_out is not None:
+            t = teacher_out["states"]
+            teacher_layers = list(zip(t.encoder_states, t.encoder_attention))
+        else:
+            teacher_layers = cls._teacher_forced_encoder(student_out["states"].internals, cls.network(teacher))
+        st = student_out["states"]
+        valid = ~st.padding_mask
+        return [EncoderPair(s_attn, t_attn, s_out, t_out, valid)
+                for s_out, s_attn, (t_out, t_attn) in zip(st.encoder_states, st.encoder_attention, teacher_layers)]
+
+    @classmethod
+    def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
+        network = cls.network(teacher)
+        if teacher_out is not None:
+            if network.two_stage:
+                raise ValueError(_PARALLEL_TWO_STAGE.format(name=cls.name))
+            t_hidden, t_preds = list(teacher_out["states"].decoder_states), _layer_predictions(teacher_out)
+        else:
+            t_hidden, t_preds = cls._teacher_forced_decoder(student_out["states"].internals, network)
+        student_preds = _layer_predictions(student_out)
+        return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
+                for s_h, t_h, s_p, t_p in zip(student_out["states"].decoder_states, t_hidden, student_preds, t_preds)]
 
 
-def _parallel_layers(teacher_out: Dict):
-    t = teacher_out["states"]
-    return list(zip(t.encoder_states, t.encoder_attention))
-
-
-def _decoder_pairs(student_out: Dict, teacher_hidden, teacher_preds) -> List[DecoderPair]:
-    student_preds = _layer_predictions(student_out)
-    return [DecoderPair(s_h, t_h, s_p["pred_logits"], t_p["pred_logits"], s_p["pred_boxes"], t_p["pred_boxes"])
-            for s_h, t_h, s_p, t_p in zip(student_out["states"].decoder_states, teacher_hidden, student_preds,
-                                          teacher_preds)]
-
-
-class DETRAdapter:
+class DETRAdapter(_Adapter):
     """`AQDETR`: explicit attention maps; its transformer is seq-first inside, so teacher-forced
     layers take seq-first inputs; one shared head for every layer, or one head per layer with box
     refinement (then each layer refines the student's anchors)."""
 
     attention_kind = "softmax_map"
+    name = "DETR"
 
     @staticmethod
-    def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
-        if teacher_out is not None:
-            return _encoder_pairs(student_out, _parallel_layers(teacher_out))
-        tr = student_out["states"].internals
+    @torch.no_grad()
+    def _teacher_forced_encoder(tr: Dict, teacher):
+        """Each teacher encoder layer on the student's input to it: (output (B, S, C), attention) pairs."""
         inputs = [tr["enc_input"]] + tr["enc_states"][:-1]
-        with torch.no_grad():
-            teacher_layers = [layer(x.detach(), src_key_padding_mask=tr["mask"], pos=tr["pos"].detach())
-                              for layer, x in zip(teacher.transformer.encoder.layers, inputs)]
-        return _encoder_pairs(student_out, [(out.transpose(0, 1), attn) for out, attn in teacher_layers])
-
-    @classmethod
-    def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
-        if teacher_out is not None:
-            if teacher.two_stage:
-                raise ValueError(_PARALLEL_TWO_STAGE.format(name="DETR"))
-            return _decoder_pairs(student_out, list(teacher_out["states"].decoder_states),
-                                  _layer_predictions(teacher_out))
-        return _decoder_pairs(student_out, *cls._teacher_forced_decoder(student_out["states"].internals, teacher))
+        layers = [layer(x.detach(), src_key_padding_mask=tr["mask"], pos=tr["pos"].detach())
+                  for layer, x in zip(teacher.transformer.encoder.layers, inputs)]
+        return [(out.transpose(0, 1), attn) for out, attn in layers]
 
     @staticmethod
     @torch.no_grad()
@@ -117,34 +127,27 @@ class DETRAdapter:
         return t_hidden, t_preds
 
 
-class DeformableDETRAdapter:
-    """`AQDeformableDETR`: batch-first tensors, deformable attention weights, per-layer heads."""
+class DeformableDETRAdapter(_Adapter):
+    """`AQDeformableDETR`: batch-first tensors, deformable attention weights, per-layer heads; the
+    network after the backbone is the model's `detector`."""
 
     attention_kind = "deformable_weights"
+    name = "Deformable-DETR"
 
     @staticmethod
-    def encoder_pairs(student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[EncoderPair]:
-        if teacher_out is not None:
-            return _encoder_pairs(student_out, _parallel_layers(teacher_out))
-        tr = student_out["states"].internals
-        encoder = teacher.detector.transformer.encoder
+    def network(teacher):
+        return teacher.detector
+
+    @staticmethod
+    @torch.no_grad()
+    def _teacher_forced_encoder(tr: Dict, det):
+        """Each teacher encoder layer on the student's input to it: (output (B, S, C), weights) pairs."""
+        encoder = det.transformer.encoder
         reference = encoder.get_reference_points(tr["spatial_shapes"], tr["valid_ratios"])
         inputs = [tr["src_flatten"]] + tr["enc_states"][:-1]
-        with torch.no_grad():
-            teacher_layers = [layer(x.detach(), tr["pos_flatten"].detach(), reference, tr["spatial_shapes"],
-                                    tr["level_start_index"], tr["mask_flatten"])
-                              for layer, x in zip(encoder.layers, inputs)]
-        return _encoder_pairs(student_out, teacher_layers)
-
-    @classmethod
-    def decoder_pairs(cls, student_out: Dict, teacher, teacher_out: Optional[Dict]) -> List[DecoderPair]:
-        if teacher_out is not None:
-            if teacher.detector.two_stage:
-                raise ValueError(_PARALLEL_TWO_STAGE.format(name="Deformable-DETR"))
-            return _decoder_pairs(student_out, list(teacher_out["states"].decoder_states),
-                                  _layer_predictions(teacher_out))
-        return _decoder_pairs(student_out,
-                              *cls._teacher_forced_decoder(student_out["states"].internals, teacher.detector))
+        return [layer(x.detach(), tr["pos_flatten"].detach(), reference, tr["spatial_shapes"],
+                      tr["level_start_index"], tr["mask_flatten"])
+                for layer, x in zip(encoder.layers, inputs)]
 
     @staticmethod
     @torch.no_grad()

@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .base import _scaled
+
 logger = logging.getLogger(__name__)
 
 # Set AQDETR_FUSED_QUANT=0 to run the eager ops (e.g. to compare speed, or where no compiler is installed).
@@ -146,8 +148,7 @@ def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int,
         if out is not None:
             return layout.restore(out)
     # In place after the first op: one allocation, which matters on the many small tensors.
-    v = x * (1.0 / scale) if offset is None else (x - offset) * (1.0 / scale)
-    out = v.round_().clamp_(qmin, qmax).mul_(scale)
+    out = _scaled(x, scale, offset).round_().clamp_(qmin, qmax).mul_(scale)
     return out if offset is None else out.add_(offset)
 
 
