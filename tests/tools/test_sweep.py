@@ -131,14 +131,43 @@ def test_the_schedule_is_the_best_for_the_students_among_those_the_control_holds
     monkeypatch.setattr(sweep, "train_net", fake_train_net)
     stage_one = tmp_path / "schedule"
     sweep.main(["--space", str(space), "--variants", "lsq", "--control", "fp", "--budget", "3", "--iters", "20",
-                "--output", str(stage_one)])
+                "--output", str(stage_one), "--write-configs", str(tmp_path / "picked")])
     picked = json.loads((stage_one / "sweep.json").read_text())["picked"]
     assert picked["teacher_holdout_AP"] == 60.0
     assert picked["schedule"]["opts"] == ["SOLVER.BASE_LR", "2e-05"]
     assert [p["holds"] for p in sorted(picked["points"], key=lambda p: p["opts"][1])] == [True, True, False]
     assert "| `SOLVER.BASE_LR 5e-05` | -1.50 | no |" in (stage_one / "sweep.md").read_text()
+    # The control and LSQ on the picked schedule become configs, as stage two's picks do.
+    for variant, quantized in (("fp", False), ("lsq", True)):
+        cfg = load_config(str(tmp_path / "picked" / f"detr_w4a4_{variant}.yaml"))
+        assert (cfg.SOLVER.BASE_LR, cfg.MODEL.QUANT.ENABLED, cfg.SOLVER.MAX_ITER) == (2e-5, quantized, 20)
 
     calls.clear()
     sweep.main(["--space", str(space), "--variants", "aux", "--budget", "2", "--iters", "20",
                 "--schedule-from", str(stage_one / "sweep.json"), "--output", str(tmp_path / "methods")])
     assert len(calls) == 2 and all(runs.last_value(o, "SOLVER.BASE_LR", "") == "2e-05" for _, o in calls)
+
+
+def test_parallel_jobs_run_the_same_trials_on_a_share_of_the_cores(sweep, tmp_path, monkeypatch):
+    """--jobs 2 runs every trial of the sequential sweep (same settings, same table order, same
+    pick), each train_net told to use half the cores."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # restored after the test, as the sweep sets it
+    results, threads = {}, set()
+    for jobs in (1, 2):
+        calls = []
+        _fake_runs(sweep, monkeypatch, calls)
+        if jobs == 2:
+            fake = sweep.train_net
+            monkeypatch.setattr(sweep, "train_net", lambda *a: threads.add(os.environ.get("OMP_NUM_THREADS")) or fake(*a))
+        out = tmp_path / f"jobs{jobs}"
+        sweep.main(["--space", str(space), "--variants", "lsq", "aux", "--budget", "3", "--iters", "20",
+                    "--output", str(out), "--jobs", str(jobs)])
+        result = json.loads((out / "sweep.json").read_text())
+        results[jobs] = ([(t["trial"], t["opts"], t["holdout"]["AP"]) for t in result["trials"]], result["picked"])
+        assert len(calls) == 6
+    assert results[1] == results[2]
+    assert threads == {"1"}
