@@ -20,7 +20,8 @@ fine-tuned unquantized on it stays within `--control-tolerance` AP of the teache
 
 Each trial fine-tunes from the teacher (tools/quickstart.py's options) and is evaluated on
 shapes_holdout; shapes_val is never read. The tool writes `sweep.json` (every trial with its
-holdout metrics, and the pick: the best holdout AP per variant) and `sweep.md` to `--output`.
+holdout metrics, and the pick: the best holdout AP per variant) and `sweep.md` to `--output`
+(or `--results`).
 With `--alphas`, each pick is also interpolated with its calibrated start
 (tools/interpolate_weights.py) at each alpha and the best alpha on holdout is picked.
 `--write-configs DIR` writes each pick as a config (`<arch>_<precision>_<variant>.yaml`) that
@@ -230,7 +231,8 @@ def schedule_of(sweep_json):
 
 
 def write_outputs(args, trials, picked):
-    path = os.path.join(args.output, "sweep.json")
+    os.makedirs(args.results or args.output, exist_ok=True)
+    path = os.path.join(args.results or args.output, "sweep.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "trials": trials, "picked": picked}, f, indent=2)
     lines = [f"Command: `python tools/sweep.py {' '.join(sys.argv[1:])}`", "",
@@ -249,7 +251,7 @@ def write_outputs(args, trials, picked):
                   "| schedule | control shift (AP) | holds | variants' holdout AP |", "|---|---|---|---|"]
         lines += [f"| `{' '.join(p['opts'])}` | {p['control_shift']:+.2f} | {'yes' if p['holds'] else 'no'} | "
                   f"{p['variants_AP']:.1f} |" for p in picked["points"]]
-    with open(os.path.join(args.output, "sweep.md"), "w") as f:
+    with open(os.path.join(args.results or args.output, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
@@ -276,6 +278,8 @@ def main(argv=None):
     parser.add_argument("--schedule-from", metavar="SWEEP_JSON",
                         help="stage two: every trial uses the schedule a --control sweep picked")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--results", metavar="DIR",
+                        help="where sweep.json and sweep.md go (default --output), e.g. the folder they are committed in")
     parser.add_argument("--resume", action="store_true", help="keep finished trials, resume unfinished ones")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once, each with 1/jobs of the cores")
     args = parser.parse_args(argv)

@@ -131,7 +131,10 @@ def test_the_schedule_is_the_best_for_the_students_among_those_the_control_holds
     monkeypatch.setattr(sweep, "train_net", fake_train_net)
     stage_one = tmp_path / "schedule"
     sweep.main(["--space", str(space), "--variants", "lsq", "--control", "fp", "--budget", "3", "--iters", "20",
-                "--output", str(stage_one), "--write-configs", str(tmp_path / "picked")])
+                "--output", str(stage_one), "--write-configs", str(tmp_path / "picked"),
+                "--results", str(tmp_path / "committed")])
+    assert not (stage_one / "sweep.json").exists()  # the table goes where --results says
+    stage_one = tmp_path / "committed"
     picked = json.loads((stage_one / "sweep.json").read_text())["picked"]
     assert picked["teacher_holdout_AP"] == 60.0
     assert picked["schedule"]["opts"] == ["SOLVER.BASE_LR", "2e-05"]
@@ -141,6 +144,7 @@ def test_the_schedule_is_the_best_for_the_students_among_those_the_control_holds
     for variant, quantized in (("fp", False), ("lsq", True)):
         cfg = load_config(str(tmp_path / "picked" / f"detr_w4a4_{variant}.yaml"))
         assert (cfg.SOLVER.BASE_LR, cfg.MODEL.QUANT.ENABLED, cfg.SOLVER.MAX_ITER) == (2e-5, quantized, 20)
+        assert "committed/sweep.json" in (tmp_path / "picked" / f"detr_w4a4_{variant}.yaml").read_text()
 
     calls.clear()
     sweep.main(["--space", str(space), "--variants", "aux", "--budget", "2", "--iters", "20",
