@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """The AQ-DETR ablation in miniature on the built-in shapes dataset, on a CPU.
 
-    python tools/quickstart.py [--arch detr|deformable] [--iters 400] [--precision w4a4] [--seeds 1 2]
+    python tools/quickstart.py [--arch detr|deformable] [--precision w4a4] [--seeds 1 2] [--variants ...]
 
 1. the full-precision teacher: the committed checkpoint `docs/quickstart/<arch>_teacher.pth`
    if present (made by `--train-teacher`, its log beside it), else trained here;
-2. from the teacher, for the same number of iterations each and once per seed: LSQ (no
-   auxiliary queries, no distillation), + auxiliary queries, + distillation, and full AQ-DETR;
+2. from the teacher, once per seed, the `--variants`: by default the control (the teacher
+   fine-tuned unquantized), LSQ (no auxiliary queries, no distillation) and AQ-DETR; also
+   LSQ + auxiliary queries and LSQ + distillation. Each runs the config tools/sweep.py picked
+   for it on shapes_holdout (`--configs`), else the student config for `--iters`. `--jobs`
+   fine-tunes run at once;
 3. every run evaluated by Detectron2's COCO evaluator on `shapes_val` (1000 images), beside
-   the teacher itself and post-training quantization of it (min-max, no training);
+   the teacher itself, post-training quantization of it (min-max) and the calibrated start
+   (the students' quantizers initialised as QAT starts), none of them trained;
    `results.md` (mean over seeds, each seed's AP), `results.json` and `ablation.png` written
    to `--output`, the table printed.
 
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,6 +35,8 @@ from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT
                                                    variant_opts)
 
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
+# Where tools/sweep.py writes the settings it picked on shapes_holdout (relative to the root).
+PICKED_CONFIGS = os.path.join("configs", "shapes", "picked")
 # What an interpolated row's name adds to its variant's; rows are matched to variants by it.
 INTERPOLATED = ", interpolated with its start"
 
@@ -122,11 +129,18 @@ def main():
     parser.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
                         help="also evaluate each fine-tune interpolated with the calibrated model it started from, "
                              "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows")
-    parser.add_argument("--configs", metavar="DIR",
+    parser.add_argument("--configs", metavar="DIR", default=PICKED_CONFIGS,
                         help="fine-tune each variant with the config tools/sweep.py picked for it in DIR "
-                             "(<arch>_<precision>_<variant>.yaml), where there is one")
+                             "(<arch>_<precision>_<variant>.yaml), where there is one (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="fine-tunes run at once, each with 1/jobs of the cores (OMP_NUM_THREADS, unless "
+                             "set); the committed tables were made with the default, on 2 cores")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    # Every run of the table, evaluations included, on the same threads: they set the last bits.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     if args.interpolate is not None:
         from aqdetr_d2.engine.interpolation import check_alpha
 
@@ -188,34 +202,24 @@ def main():
         rows.append({"name": name, "key": key, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
                      "output_dir": run_dir, "numerics": run_numerics(run_dir)})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
-    total, done = len(args.variants) * len(args.seeds), 0
     retrained = set()
+    todo = [(key, seed) for key in args.variants for seed in args.seeds]
+    # The slowest variants first (distillation, then auxiliary queries), so that parallel jobs end together.
+    order = sorted(todo, key=lambda t: (not VARIANTS[t[0]][3], not VARIANTS[t[0]][2]))
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each fine-tune is a train_net process
+        finished_runs = dict(zip(order, pool.map(
+            lambda t: fine_tune(args, *t, f"{order.index(t) + 1} of {len(order)}", student_cfg, common, retrained),
+            order)))
     for key in args.variants:
-        name, quantized = VARIANTS[key][:2]
-        config, opts, iters = variant_run(args, key, student_cfg, common)
-        runs, interpolated = [], []
-        for seed in args.seeds:
-            done += 1
-            run_dir = os.path.join(args.output, f"{key}_seed{seed}")
-            kept = args.resume and finished(run_dir, iters)
-            if kept:
-                stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
-                minutes = previous_minutes(args.output, run_dir)
-            else:
-                stage(f"{name}, seed {seed} (fine-tune {done} of {total}): "
-                      f"{iters} iterations of {bits if quantized else 'full precision'} from the teacher")
-                resume = ["--resume"] if args.resume else []
-                minutes = train_net(config, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
-                retrained.add(run_dir)
-            if not math.isnan(minutes):  # also back-fills runs whose time only results.json held
-                record_minutes(run_dir, minutes)
-            runs.append({**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
-                         "numerics": run_numerics(run_dir)})
-            stage(f"{name}, seed {seed}: AP {runs[-1]['AP']:.1f}")
-            if args.interpolate is not None:
-                metrics = interpolated_metrics(config, run_dir, [*opts, "SEED", str(seed)], args.interpolate, kept)
-                interpolated.append({**runs[-1], **metrics})
-                stage(f"{name}, seed {seed}, interpolated with its start: AP {metrics['AP']:.1f}")
+        name = VARIANTS[key][0]
+        config, opts, _ = variant_run(args, key, student_cfg, common)
+        runs, interpolated = [finished_runs[key, seed] for seed in args.seeds], []
+        for run in runs if args.interpolate is not None else []:
+            seed_opts = [*opts, "SEED", str(run["seed"])]
+            metrics = interpolated_metrics(config, run["output_dir"], seed_opts, args.interpolate,
+                                           run["output_dir"] not in retrained)
+            interpolated.append({**run, **metrics})
+            stage(f"{name}, seed {run['seed']}, interpolated with its start: AP {metrics['AP']:.1f}")
         size_mb, gops = size_and_ops(config, opts)
         rows.append({"name": name, "key": key, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops,
                      "seeds": runs})
@@ -228,6 +232,29 @@ def main():
     write_results(args, rows)
 
 
+def fine_tune(args, key: str, seed: int, progress: str, student_cfg: str, common, retrained: set) -> dict:
+    """One variant's fine-tune with one seed, or the finished run kept by --resume (its folder is
+    added to `retrained` when it is trained here): its final metrics, seed, minutes and folder."""
+    name, quantized = VARIANTS[key][:2]
+    config, opts, iters = variant_run(args, key, student_cfg, common)
+    run_dir = os.path.join(args.output, f"{key}_seed{seed}")
+    if args.resume and finished(run_dir, iters):
+        stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
+        minutes = previous_minutes(args.output, run_dir)
+    else:
+        stage(f"{name}, seed {seed} (fine-tune {progress}): "
+              f"{iters} iterations of {PRECISIONS[args.precision] if quantized else 'full precision'} from the teacher")
+        resume = ["--resume"] if args.resume else []
+        minutes = train_net(config, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
+        retrained.add(run_dir)
+    if not math.isnan(minutes):  # also back-fills runs whose time only results.json held
+        record_minutes(run_dir, minutes)
+    run = {**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
+           "numerics": run_numerics(run_dir)}
+    stage(f"{name}, seed {seed}: AP {run['AP']:.1f}")
+    return run
+
+
 def variant_run(args, key: str, student_cfg: str, common):
     """(config, train_net options, iterations) of variant `key`'s fine-tunes: the config that
     tools/sweep.py picked for it in `--configs` when there is one (it holds the schedule and the
@@ -235,8 +262,8 @@ def variant_run(args, key: str, student_cfg: str, common):
     the quickstart's schedule."""
     from aqdetr_d2.config import load_config
 
-    picked = os.path.join(args.configs, f"{args.arch}_{args.precision}_{key}.yaml") if args.configs else None
-    if picked and os.path.exists(picked):
+    picked = os.path.join(ROOT, args.configs, f"{args.arch}_{args.precision}_{key}.yaml")
+    if os.path.exists(picked):
         config = os.path.relpath(os.path.abspath(picked), ROOT)
         return config, list(args.opts), load_config(os.path.join(ROOT, config), args.opts).SOLVER.MAX_ITER
     return student_cfg, common + variant_opts(key), args.iters

@@ -5,6 +5,7 @@ instructions: ATen, MKL and oneDNN each pick AVX2 or AVX-512 kernels from the CP
 in different orders. Low-bit fine-tunes magnify one rounding difference into a different model
 (at W2A2A2 the gap between the two is the size of a seed's). The variables below cap each
 library's instructions, which is how an AVX-512 machine reproduces a run made on an AVX2 one.
+The number of threads matters too: a reduction split over two threads adds in another order.
 """
 import os
 
@@ -19,8 +20,10 @@ NUMERICS_TAG = "Numerics:"
 
 
 def numerics_summary() -> str:
-    """One line naming ATen's CPU capability, the instruction caps set in the environment and
-    the torch version, e.g. "CPU capability AVX512, no instruction caps, torch 2.14.1"."""
+    """One line naming ATen's CPU capability, the instruction caps set in the environment, the
+    torch version and intra-op threads, e.g. "CPU capability AVX512, no instruction caps, torch
+    2.14.1, 2 threads"."""
     caps = ", ".join(f"{name}={os.environ[name]}" for name in ISA_VARIABLES if os.environ.get(name))
+    threads = torch.get_num_threads()
     return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {caps or 'no instruction caps'}, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}, {threads} thread{'' if threads == 1 else 's'}")

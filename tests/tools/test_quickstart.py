@@ -21,6 +21,15 @@ def quickstart(project_root):
     return load_script(os.path.join(project_root, "tools", "quickstart.py"), "quickstart")
 
 
+@pytest.fixture(autouse=True)
+def _isolated(quickstart, tmp_path, monkeypatch):
+    """No committed picked configs (a test names its own), and OMP_NUM_THREADS, which the tool
+    sets for its runs, restored afterwards."""
+    monkeypatch.setattr(quickstart, "PICKED_CONFIGS", str(tmp_path / "no_picked_configs"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+
 def test_final_metrics_reads_the_last_evaluation(quickstart, tmp_path):
     lines = [{"iteration": 9, "total_loss": 3.0},
              {"iteration": 9, "bbox/AP": 10.0, "bbox/AP50": 20.0, "bbox/AP-circle": 5.0},
@@ -185,8 +194,8 @@ def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
 
 
 def test_variants(quickstart):
-    # By default the four quantized rows of the paper's ablation; "fp" is the unquantized control.
-    assert quickstart.DEFAULT_VARIANTS == ["lsq", "aux", "distill", "aq"]
+    # By default the control (the teacher fine-tuned unquantized), LSQ and AQ-DETR.
+    assert quickstart.DEFAULT_VARIANTS == ["fp", "lsq", "aq"]
     flags = {k: v[1:] for k, v in quickstart.VARIANTS.items()}
     assert flags == {"fp": (False, False, False), "lsq": (True, False, False), "aux": (True, True, False),
                      "distill": (True, False, True), "aq": (True, True, True)}
@@ -411,3 +420,30 @@ def test_picked_configs_replace_the_default_schedule(quickstart, tmp_path, monke
     calls.clear()
     quickstart.main()  # the picked run is recognised as finished at its own 30 iterations
     assert not [c for c in calls if c[0].endswith("_seed1")]
+
+
+def test_parallel_jobs_give_the_same_table_on_a_share_of_the_cores(quickstart, tmp_path, monkeypatch):
+    """--jobs 2 trains every fine-tune of --jobs 1, AQ-DETR's first (the slowest), each run told to
+    use half the cores; the table is the same."""
+    calls, threads = [], {}
+    _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
+    fake = quickstart.train_net
+    monkeypatch.setattr(quickstart, "train_net",
+                        lambda *a: threads.setdefault(jobs, set()).add(os.environ["OMP_NUM_THREADS"]) or fake(*a))
+    monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
+    tables = {}
+    for jobs in ("1", "2"):
+        calls.clear()
+        os.environ.pop("OMP_NUM_THREADS", None)  # a new process (the fixture restores it)
+        out = tmp_path / f"jobs{jobs}"
+        monkeypatch.setattr("sys.argv", ["quickstart.py", "--iters", "20", "--seeds", "1", "2", "--jobs", jobs,
+                                         "--output", str(out)])
+        quickstart.main()
+        fine_tunes = [c for c in calls if "_seed" in c]
+        assert sorted(fine_tunes) == sorted(f"{k}_seed{s}" for k in ("fp", "lsq", "aq") for s in (1, 2))
+        assert fine_tunes[0].startswith("aq_")
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        tables[jobs] = [(r["key"], r["AP"], [run["seed"] for run in r.get("seeds", [])]) for r in rows]
+    assert tables["1"] == tables["2"]
+    assert [key for key, _, _ in tables["1"]] == ["teacher", "ptq", "calibrated", "fp", "lsq", "aq"]
+    assert threads == {"1": {"2"}, "2": {"1"}}  # 2 cores over the jobs, evaluations included
