@@ -129,6 +129,8 @@ def main():
     parser.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
                         help="also evaluate each fine-tune interpolated with the calibrated model it started from, "
                              "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows")
+    parser.add_argument("--interpolate-from", metavar="SWEEP_JSON",
+                        help="as --interpolate, with the alpha tools/sweep.py --alphas picked for each variant")
     parser.add_argument("--configs", metavar="DIR", default=PICKED_CONFIGS,
                         help="fine-tune each variant with the config tools/sweep.py picked for it in DIR "
                              "(<arch>_<precision>_<variant>.yaml), where there is one (default: %(default)s)")
@@ -141,6 +143,8 @@ def main():
         parser.error("--jobs must be at least 1")
     # Every run of the table, evaluations included, on the same threads: they set the last bits.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    if args.interpolate is not None and args.interpolate_from:
+        parser.error("--interpolate and --interpolate-from exclude each other")
     if args.interpolate is not None:
         from aqdetr_d2.engine.interpolation import check_alpha
 
@@ -202,29 +206,24 @@ def main():
         rows.append({"name": name, "key": key, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
                      "output_dir": run_dir, "numerics": run_numerics(run_dir)})
         stage(f"{name}: AP {rows[-1]['AP']:.1f}")
-    retrained = set()
+    retrained, alphas = set(), interpolation_alphas(args)
     todo = [(key, seed) for key in args.variants for seed in args.seeds]
     # The slowest variants first (distillation, then auxiliary queries), so that parallel jobs end together.
     order = sorted(todo, key=lambda t: (not VARIANTS[t[0]][3], not VARIANTS[t[0]][2]))
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each fine-tune is a train_net process
         finished_runs = dict(zip(order, pool.map(
-            lambda t: fine_tune(args, *t, f"{order.index(t) + 1} of {len(order)}", student_cfg, common, retrained),
-            order)))
+            lambda t: fine_tune(args, *t, f"{order.index(t) + 1} of {len(order)}", student_cfg, common, retrained,
+                                alphas.get(t[0])), order)))
     for key in args.variants:
         name = VARIANTS[key][0]
         config, opts, _ = variant_run(args, key, student_cfg, common)
-        runs, interpolated = [finished_runs[key, seed] for seed in args.seeds], []
-        for run in runs if args.interpolate is not None else []:
-            seed_opts = [*opts, "SEED", str(run["seed"])]
-            metrics = interpolated_metrics(config, run["output_dir"], seed_opts, args.interpolate,
-                                           run["output_dir"] not in retrained)
-            interpolated.append({**run, **metrics})
-            stage(f"{name}, seed {run['seed']}, interpolated with its start: AP {metrics['AP']:.1f}")
+        runs = [finished_runs[key, seed][0] for seed in args.seeds]
+        interpolated = [finished_runs[key, seed][1] for seed in args.seeds if key in alphas]
         size_mb, gops = size_and_ops(config, opts)
         rows.append({"name": name, "key": key, **mean_over_seeds(runs), "size_mb": size_mb, "gops": gops,
                      "seeds": runs})
         if interpolated:
-            rows.append({"name": interpolated_name(name, args.interpolate), "key": key + INTERP,
+            rows.append({"name": interpolated_name(name, alphas[key]), "key": key + INTERP,
                          **mean_over_seeds(interpolated), "size_mb": size_mb, "gops": gops, "seeds": interpolated})
 
     if args.resume:
@@ -232,9 +231,22 @@ def main():
     write_results(args, rows)
 
 
-def fine_tune(args, key: str, seed: int, progress: str, student_cfg: str, common, retrained: set) -> dict:
+def interpolation_alphas(args) -> dict:
+    """variant -> alpha of its interpolated row: --interpolate for every variant, or the alpha
+    each variant's pick got in the --interpolate-from sweep (variants without one get no row)."""
+    if args.interpolate_from:
+        with open(args.interpolate_from) as f:
+            picked = json.load(f)["picked"]
+        return {key: picked[key]["interpolation"]["alpha"] for key in args.variants
+                if (picked.get(key) or {}).get("interpolation")}
+    return {} if args.interpolate is None else dict.fromkeys(args.variants, args.interpolate)
+
+
+def fine_tune(args, key: str, seed: int, progress: str, student_cfg: str, common, retrained: set,
+              alpha=None):
     """One variant's fine-tune with one seed, or the finished run kept by --resume (its folder is
-    added to `retrained` when it is trained here): its final metrics, seed, minutes and folder."""
+    added to `retrained` when it is trained here). Returns the run (final metrics, seed, minutes,
+    folder) and, given `alpha`, the run interpolated with its start (else None)."""
     name, quantized = VARIANTS[key][:2]
     config, opts, iters = variant_run(args, key, student_cfg, common)
     run_dir = os.path.join(args.output, f"{key}_seed{seed}")
@@ -252,7 +264,11 @@ def fine_tune(args, key: str, seed: int, progress: str, student_cfg: str, common
     run = {**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
            "numerics": run_numerics(run_dir)}
     stage(f"{name}, seed {seed}: AP {run['AP']:.1f}")
-    return run
+    if alpha is None:
+        return run, None
+    metrics = interpolated_metrics(config, run_dir, [*opts, "SEED", str(seed)], alpha, run_dir not in retrained)
+    stage(f"{name}, seed {seed}, interpolated with its start at alpha {alpha:g}: AP {metrics['AP']:.1f}")
+    return run, {**run, **metrics}
 
 
 def variant_run(args, key: str, student_cfg: str, common):

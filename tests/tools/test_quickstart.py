@@ -447,3 +447,30 @@ def test_parallel_jobs_give_the_same_table_on_a_share_of_the_cores(quickstart, t
     assert tables["1"] == tables["2"]
     assert [key for key, _, _ in tables["1"]] == ["teacher", "ptq", "calibrated", "fp", "lsq", "aq"]
     assert threads == {"1": {"2"}, "2": {"1"}}  # 2 cores over the jobs, evaluations included
+
+
+def test_interpolate_from_a_sweep_uses_each_variants_picked_alpha(quickstart, tmp_path, monkeypatch):
+    calls, alphas = [], []
+    _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
+
+    def fake_interpolate(cmd, log_path, failure):
+        alphas.append((os.path.basename(os.path.dirname(cmd[cmd.index("--fine-tuned") + 1])),
+                       cmd[cmd.index("--alpha") + 1]))
+        open(cmd[cmd.index("--output") + 1], "wb").close()
+        return 1.0
+
+    monkeypatch.setattr(quickstart, "run_logged", fake_interpolate)
+    sweep_json = tmp_path / "sweep.json"
+    sweep_json.write_text(json.dumps({"picked": {"lsq": {"trial": "lsq_1", "interpolation": {"alpha": 0.75}},
+                                                 "aq": {"trial": "aq_1", "interpolation": {"alpha": 0.5}},
+                                                 "aux": {"trial": "aux_1"}}}))
+    monkeypatch.setattr("sys.argv", ["quickstart.py", "--iters", "20", "--variants", "fp", "lsq", "aq",
+                                     "--interpolate-from", str(sweep_json), "--output", str(tmp_path / "out")])
+    quickstart.main()
+    assert sorted(alphas) == [("aq_seed1", "0.5"), ("lsq_seed1", "0.75")]
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["key"] for r in rows[3:]] == ["fp", "lsq", "lsq+interp", "aq", "aq+interp"]
+    assert rows[7]["name"] == quickstart.interpolated_name(quickstart.VARIANTS["aq"][0], 0.5)
+    monkeypatch.setattr("sys.argv", ["quickstart.py", "--interpolate", "0.5", "--interpolate-from", str(sweep_json)])
+    with pytest.raises(SystemExit):
+        quickstart.main()
