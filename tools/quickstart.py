@@ -27,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from aqdetr_d2.experiments.runs import (METRICS, ROOT, evaluated_metrics, final_metrics, finished,
-                                        logged_evaluation, record_minutes, recorded_minutes, run_logged, run_numerics,
-                                        stage, train_net)
+from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, logged_evaluation,
+                                        record_minutes, run_logged, run_numerics, stage, train_net)
+from aqdetr_d2.experiments.ablation_table import (interpolated_name, mean_over_seeds, previous_minutes,
+                                                   with_previous_rows, write_results)
 from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
                                                    TEACHER_CURVE_OPTS, VARIANTS, fine_tune_opts, teacher_schedule,
                                                    variant_opts)
@@ -37,29 +38,6 @@ from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 # Where tools/sweep.py writes the settings it picked on shapes_holdout (relative to the root).
 PICKED_CONFIGS = os.path.join("configs", "shapes", "picked")
-# What an interpolated row's name adds to its variant's; rows are matched to variants by it.
-INTERPOLATED = ", interpolated with its start"
-
-
-def previous_results(output: str) -> dict:
-    """The results.json an earlier quickstart wrote to `output` ({} if none or unreadable)."""
-    try:
-        with open(os.path.join(output, "results.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def previous_minutes(output: str, run_dir: str) -> float:
-    """The training minutes recorded for the finished run in `run_dir`: its own record, else
-    (runs from before records were kept) the earlier results.json in `output`, else NaN, which
-    the table prints as "nan" rather than a time nobody measured."""
-    minutes = recorded_minutes(run_dir)
-    if not math.isnan(minutes):
-        return minutes
-    rows = previous_results(output).get("rows", [])
-    runs = [run for row in rows for run in row.get("seeds", []) if run["output_dir"] == run_dir]
-    return runs[0]["train_minutes"] if runs else float("nan")
 
 
 def check_teacher(path: str):
@@ -181,9 +159,8 @@ def main():
     student_cfg = arch["student"].format(p=args.precision)
     bits = PRECISIONS[args.precision]
     common = fine_tune_opts(teacher, teacher_cfg, args.iters) + args.opts
-    rows = []
     untrained = ["MODEL.AUX_QUERIES.ENABLED", "False", "MODEL.DISTILL.ENABLED", "False"]
-    for key, name, run, config, opts in [
+    evaluations = [
         ("teacher", "full precision (teacher)", "teacher_eval", os.path.relpath(teacher_cfg, ROOT),
          ["MODEL.WEIGHTS", teacher]),
         ("ptq", f"PTQ min-max {bits} (no training)", "ptq", student_cfg,
@@ -192,28 +169,18 @@ def main():
         # The students' quantizers initialised exactly as QAT starts (same config, same calibration
         # batches), not trained: what fine-tuning starts from.
         ("calibrated", f"calibrated start {bits} (no training)", "calibrated", student_cfg, common + untrained),
-    ]:
-        run_dir = os.path.join(args.output, run)
-        eval_opts = ["--eval-only", *opts, *args.opts]
-        metrics = logged_evaluation(config, run_dir, eval_opts, run_dir + ".log") if args.resume else None
-        if metrics:
-            stage(f"{name}: kept the evaluation in {run_dir}.log")
-        else:
-            stage(f"{name}: evaluating")
-            train_net(config, run_dir, eval_opts, run_dir + ".log")
-            metrics = evaluated_metrics(run_dir + ".log")
-        size_mb, gops = size_and_ops(config, opts + args.opts)
-        rows.append({"name": name, "key": key, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
-                     "output_dir": run_dir, "numerics": run_numerics(run_dir)})
-        stage(f"{name}: AP {rows[-1]['AP']:.1f}")
+    ]
     retrained, alphas = set(), interpolation_alphas(args)
     todo = [(key, seed) for key in args.variants for seed in args.seeds]
-    # The slowest variants first (distillation, then auxiliary queries), so that parallel jobs end together.
+    # The slowest variants first (distillation, then auxiliary queries), the short evaluations
+    # last, so that parallel jobs end together.
     order = sorted(todo, key=lambda t: (not VARIANTS[t[0]][3], not VARIANTS[t[0]][2]))
-    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each fine-tune is a train_net process
-        finished_runs = dict(zip(order, pool.map(
-            lambda t: fine_tune(args, *t, f"{order.index(t) + 1} of {len(order)}", student_cfg, common, retrained,
-                                alphas.get(t[0])), order)))
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each run is a train_net process
+        fine_tunes = [pool.submit(fine_tune, args, key, seed, f"{i + 1} of {len(order)}", student_cfg, common,
+                                  retrained, alphas.get(key)) for i, (key, seed) in enumerate(order)]
+        rows = [pool.submit(evaluate, args, *spec) for spec in evaluations]
+        finished_runs = {t: f.result() for t, f in zip(order, fine_tunes)}
+        rows = [f.result() for f in rows]
     for key in args.variants:
         name = VARIANTS[key][0]
         config, opts, _ = variant_run(args, key, student_cfg, common)
@@ -229,6 +196,23 @@ def main():
     if args.resume:
         rows = with_previous_rows(args, rows, retrained)
     write_results(args, rows)
+
+
+def evaluate(args, key: str, name: str, run: str, config: str, opts) -> dict:
+    """The row of an untrained model (`opts` with --eval-only), or its evaluation kept by --resume."""
+    run_dir = os.path.join(args.output, run)
+    eval_opts = ["--eval-only", *opts, *args.opts]
+    metrics = logged_evaluation(config, run_dir, eval_opts, run_dir + ".log") if args.resume else None
+    if metrics:
+        stage(f"{name}: kept the evaluation in {run_dir}.log")
+    else:
+        stage(f"{name}: evaluating")
+        train_net(config, run_dir, eval_opts, run_dir + ".log")
+        metrics = evaluated_metrics(run_dir + ".log")
+    size_mb, gops = size_and_ops(config, opts + args.opts)
+    stage(f"{name}: AP {metrics['AP']:.1f}")
+    return {"name": name, "key": key, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
+            "output_dir": run_dir, "numerics": run_numerics(run_dir)}
 
 
 def interpolation_alphas(args) -> dict:
@@ -285,10 +269,6 @@ def variant_run(args, key: str, student_cfg: str, common):
     return student_cfg, common + variant_opts(key), args.iters
 
 
-def interpolated_name(name: str, alpha: float) -> str:
-    return f"{name}{INTERPOLATED} (alpha {alpha:g})"
-
-
 def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bool):
     """COCO metrics of the finished fine-tune in `run_dir` interpolated with the calibrated model it
     started from (tools/interpolate_weights.py), evaluated like the run itself. The evaluation of
@@ -304,94 +284,6 @@ def interpolated_metrics(config: str, run_dir: str, opts, alpha: float, kept: bo
     run_logged(cmd, eval_dir + "_weights.log", f"interpolating {run_dir} failed")
     train_net(config, eval_dir, eval_opts, eval_dir + ".log")
     return evaluated_metrics(eval_dir + ".log")
-
-
-def _key_of(name: str) -> str:
-    """The row key of a variant row named `name` (for results.json files written before rows had keys)."""
-    from aqdetr_d2.utils.results import INTERP
-
-    base, interpolated, _ = name.partition(INTERPOLATED)
-    key = next(k for k, v in VARIANTS.items() if v[0] == base)
-    return key + (INTERP if interpolated else "")
-
-
-def with_previous_rows(args, rows, retrained=frozenset()):
-    """`rows` plus the ablation rows an earlier run in `--output` finished and this one did not
-    train (e.g. `--resume --seeds 1 2 --variants lsq aq` after all four variants with seed 1),
-    in table order; each kept row is marked "kept": True. Rows of another --arch / --precision
-    are not mixed in. An earlier interpolated row of a variant in `rows` is kept only while it
-    still describes that row's runs: the same seeds, none of them in `retrained` (run folders
-    this call trained)."""
-    previous = previous_results(args.output)
-    if not previous or (previous["args"].get("arch"), previous["args"].get("precision")) != (args.arch, args.precision):
-        return rows
-    trained = {r["name"]: r for r in rows}
-    kept = {}
-    for row in previous["rows"]:
-        if "seeds" not in row or row["name"] in trained:
-            continue
-        base = trained.get(row["name"].partition(INTERPOLATED)[0]) if INTERPOLATED in row["name"] else None
-        seed_runs = _seed_runs(row)
-        if base is not None and (seed_runs != _seed_runs(base) or {d for _, d in seed_runs} & retrained):
-            stage(f"dropped the earlier row \"{row['name']}\": its runs changed since; "
-                  "--interpolate evaluates it again")
-            continue
-        kept[row["name"]] = {"key": _key_of(row["name"]), **row, "kept": True}
-    by_name = {**kept, **{r["name"]: r for r in rows}}
-    order = [r["name"] for r in rows if "seeds" not in r]
-    for key in VARIANTS:
-        name = VARIANTS[key][0]
-        order += [name, *sorted(n for n in by_name if n.startswith(name + INTERPOLATED))]
-    return [by_name[name] for name in order if name in by_name]
-
-
-def _seed_runs(row):
-    return [(run["seed"], run.get("output_dir")) for run in row["seeds"]]
-
-
-def mean_over_seeds(runs):
-    """Metrics and training minutes averaged over per-seed runs; `AP_spread` is max - min AP."""
-    mean = {k: sum(r[k] for r in runs) / len(runs) for k in (*METRICS, "train_minutes")}
-    aps = [r["AP"] for r in runs]
-    return {**mean, "AP_spread": max(aps) - min(aps)}
-
-
-def numerics_note(rows) -> str:
-    """One line saying under which CPU instructions the runs of `rows` were made: runs match
-    each other's digits only under the same ones (aqdetr_d2.utils.numerics)."""
-    runs = {}
-    for r in rows:
-        for run in r.get("seeds", [r]):
-            label = r["name"] + (f" seed {run['seed']}" if "seed" in run else "")
-            runs[label] = "; then ".join(run.get("numerics", [])) or "not logged"
-    distinct = list(dict.fromkeys(runs.values()))
-    if len(distinct) == 1:
-        return f"Numerics of every run: {distinct[0]}."
-    return "Numerics per run: " + "; ".join(
-        f"{value} ({', '.join(k for k, v in runs.items() if v == value)})" for value in distinct) + "."
-
-
-def write_results(args, rows):
-    from aqdetr_d2.utils.results import rows_table
-    from aqdetr_d2.utils.charts import ablation_bar_chart
-
-    results = {"args": vars(args), "rows": rows}
-    lines = [f"Command: `python tools/quickstart.py {' '.join(sys.argv[1:])}`", "", rows_table(results), "",
-             "| run | APs | APm | APl | size (MB) | GOPs | train (min) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in ("APs", "APm", "APl"))
-                     + f" | {r['size_mb']:.2f} | {r['gops']:.3f} | {r['train_minutes']:.1f} |")
-    kept = [r["name"] for r in rows if r.get("kept")]
-    if kept:
-        lines += ["", "Kept from the earlier run in this folder: " + ", ".join(kept) + "."]
-    lines += ["", numerics_note(rows)]
-    table = "\n".join(lines)
-    with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    ablation_bar_chart(rows, "AP", os.path.join(args.output, "ablation.png"))
-    print(table)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aqdetr_d2.experiments import runs
+from aqdetr_d2.experiments import ablation_table, runs, shapes_ablation
 from train_net_helpers import load_script
 
 
@@ -74,7 +74,7 @@ def _run(ap, seed):
 
 
 def test_mean_over_seeds(quickstart):
-    row = quickstart.mean_over_seeds([_run(40.0, 1), _run(43.0, 2)])
+    row = ablation_table.mean_over_seeds([_run(40.0, 1), _run(43.0, 2)])
     assert row["AP"] == 41.5 and row["AP50"] == 83.0 and row["AP_spread"] == 3.0 and row["train_minutes"] == 4.5
 
 
@@ -91,9 +91,9 @@ def test_finished_runs_are_recognised(quickstart, tmp_path):
 def test_results_files(quickstart, tmp_path, capsys):
     teacher = {k: v for k, v in _run(70.0, 0).items() if k != "seed"}
     rows = [{"name": "teacher", "key": "teacher", **teacher, "size_mb": 16.0, "gops": 0.3}]
-    rows += [{"name": name, "key": key, **quickstart.mean_over_seeds(runs), "size_mb": 1.5, "gops": 0.05, "seeds": runs}
+    rows += [{"name": name, "key": key, **ablation_table.mean_over_seeds(runs), "size_mb": 1.5, "gops": 0.05, "seeds": runs}
              for key, name, runs in [("lsq", "LSQ", [_run(40.0, 1), _run(42.0, 2)]), ("aq", "AQ-DETR", [_run(45.0, 1)])]]
-    quickstart.write_results(argparse.Namespace(output=str(tmp_path), arch="detr", precision="w4a4"), rows)
+    ablation_table.write_results(argparse.Namespace(output=str(tmp_path), arch="detr", precision="w4a4"), rows)
     table = (tmp_path / "results.md").read_text()
     assert "| teacher | `teacher` | 70.0 | 140.0 | 70.0 | - | - |" in table
     assert "| LSQ | `lsq` | 41.0 ± 1.4 | 82.0 ± 2.8 |" in table and "| 40.0 / 42.0 |" in table
@@ -118,10 +118,10 @@ def test_numerics_of_each_run_reach_the_table(quickstart, tmp_path):
 
     teacher = {"name": "teacher", "numerics": [avx512]}
     lsq = {"name": "LSQ", "seeds": [{"seed": 1, "numerics": [avx512]}, {"seed": 2, "numerics": [avx512]}]}
-    assert quickstart.numerics_note([teacher, lsq]) == f"Numerics of every run: {avx512}."
+    assert ablation_table.numerics_note([teacher, lsq]) == f"Numerics of every run: {avx512}."
     lsq["seeds"][1]["numerics"] = [avx512, avx2]
     lsq["seeds"].append({"seed": 3, "numerics": []})
-    assert quickstart.numerics_note([teacher, lsq]) == (
+    assert ablation_table.numerics_note([teacher, lsq]) == (
         f"Numerics per run: {avx512} (teacher, LSQ seed 1); {avx512}; then {avx2} (LSQ seed 2); "
         "not logged (LSQ seed 3).")
 
@@ -158,13 +158,13 @@ def test_resume_reuses_only_an_evaluation_of_the_same_command(quickstart, tmp_pa
 
 def test_every_precision_has_student_configs(quickstart, project_root):
     for arch in quickstart.ARCHS.values():
-        for precision in quickstart.PRECISIONS:
+        for precision in shapes_ablation.PRECISIONS:
             assert os.path.exists(os.path.join(project_root, arch["student"].format(p=precision))), (arch, precision)
 
 
 def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
     def row(name, ap, seeds):
-        return {"name": name, **quickstart.mean_over_seeds([_run(ap, s) for s in seeds]), "size_mb": 1.5,
+        return {"name": name, **ablation_table.mean_over_seeds([_run(ap, s) for s in seeds]), "size_mb": 1.5,
                 "gops": 0.05, "seeds": [_run(ap, s) for s in seeds]}
 
     teacher = {"name": "teacher", "key": "teacher", **_run(70.0, 0), "size_mb": 16.0, "gops": 0.3}
@@ -177,25 +177,25 @@ def test_resume_keeps_the_rows_it_did_not_retrain(quickstart, tmp_path):
     # Seed 2 of LSQ and AQ-DETR only: the other rows come back from the first table, in order.
     lsq, aq = quickstart.VARIANTS["lsq"][0], quickstart.VARIANTS["aq"][0]
     second = argparse.Namespace(**{**vars(first), "resume": True})
-    rows = quickstart.with_previous_rows(second, [teacher, {**row(lsq, 50.0, [1, 2]), "key": "lsq"},
+    rows = ablation_table.with_previous_rows(second, [teacher, {**row(lsq, 50.0, [1, 2]), "key": "lsq"},
                                                   {**row(aq, 51.0, [1, 2]), "key": "aq"}])
     assert [r["name"] for r in rows] == ["teacher"] + names
     assert [r["key"] for r in rows] == ["teacher"] + list(quickstart.VARIANTS)
     retrained = {lsq: 50.0, aq: 51.0}
     assert [r["AP"] for r in rows] == [70.0] + [retrained.get(n, 40.0 + i) for i, n in enumerate(names)]
     assert [bool(r.get("kept")) for r in rows] == [False] + [n not in retrained for n in names]
-    quickstart.write_results(second, rows)
+    ablation_table.write_results(second, rows)
     kept = [n for n in names if n not in retrained]
     assert "Kept from the earlier run in this folder: " + ", ".join(kept) in (tmp_path / "results.md").read_text()
 
     # A table of another precision is not mixed in.
     other = argparse.Namespace(**{**vars(second), "precision": "w3a3"})
-    assert [r["name"] for r in quickstart.with_previous_rows(other, [teacher])] == ["teacher"]
+    assert [r["name"] for r in ablation_table.with_previous_rows(other, [teacher])] == ["teacher"]
 
 
 def test_variants(quickstart):
     # By default the control (the teacher fine-tuned unquantized), LSQ and AQ-DETR.
-    assert quickstart.DEFAULT_VARIANTS == ["fp", "lsq", "aq"]
+    assert shapes_ablation.DEFAULT_VARIANTS == ["fp", "lsq", "aq"]
     flags = {k: v[1:] for k, v in quickstart.VARIANTS.items()}
     assert flags == {"fp": (False, False, False), "lsq": (True, False, False), "aux": (True, True, False),
                      "distill": (True, False, True), "aq": (True, True, True)}
@@ -275,7 +275,7 @@ def test_resume_with_fewer_seeds_keeps_the_other_runs_minutes(quickstart, tmp_pa
         open(os.path.join(out, "model_final.pth"), "wb").close()
         ap = 40.0 + float(opts[opts.index("SEED") + 1])
         with open(os.path.join(out, "metrics.json"), "w") as f:
-            f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in quickstart.METRICS}}) + "\n")
+            f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
         return minutes[os.path.basename(out).split("_")[1]] * 60
 
     monkeypatch.setattr(quickstart, "train_net", fake_train_net)
@@ -314,7 +314,7 @@ def _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
             os.makedirs(out, exist_ok=True)
             open(os.path.join(out, "model_final.pth"), "wb").close()
             with open(os.path.join(out, "metrics.json"), "w") as f:
-                f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in quickstart.METRICS}}) + "\n")
+                f.write(json.dumps({"iteration": 19, **{f"bbox/{k}": ap for k in runs.METRICS}}) + "\n")
         return 60.0
 
     def fake_interpolate(cmd, log_path, failure):
@@ -369,7 +369,7 @@ def test_resume_drops_an_interpolated_row_whose_runs_changed(quickstart, tmp_pat
     quickstart.main()
     aq = quickstart.VARIANTS["aq"][0]
     names = lambda: [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["rows"][3:]]
-    aq_interpolated = quickstart.interpolated_name(aq, 0.75)
+    aq_interpolated = ablation_table.interpolated_name(aq, 0.75)
 
     os.remove(tmp_path / "lsq_seed1" / "model_final.pth")  # LSQ seed 1 is trained again
     monkeypatch.setattr("sys.argv", base + ["--variants", "lsq", "aq", "--resume"])
@@ -399,7 +399,7 @@ def test_picked_configs_replace_the_default_schedule(quickstart, tmp_path, monke
             open(os.path.join(out, "model_final.pth"), "wb").close()
             iters = 30 if "aq" in out else 20
             with open(os.path.join(out, "metrics.json"), "w") as f:
-                f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": 50.0 for k in quickstart.METRICS}}) + "\n")
+                f.write(json.dumps({"iteration": iters, **{f"bbox/{k}": 50.0 for k in runs.METRICS}}) + "\n")
         return 60.0
 
     monkeypatch.setattr(quickstart, "train_net", fake_train_net)
@@ -470,7 +470,7 @@ def test_interpolate_from_a_sweep_uses_each_variants_picked_alpha(quickstart, tm
     assert sorted(alphas) == [("aq_seed1", "0.5"), ("lsq_seed1", "0.75")]
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["key"] for r in rows[3:]] == ["fp", "lsq", "lsq+interp", "aq", "aq+interp"]
-    assert rows[7]["name"] == quickstart.interpolated_name(quickstart.VARIANTS["aq"][0], 0.5)
+    assert rows[7]["name"] == ablation_table.interpolated_name(quickstart.VARIANTS["aq"][0], 0.5)
     monkeypatch.setattr("sys.argv", ["quickstart.py", "--interpolate", "0.5", "--interpolate-from", str(sweep_json)])
     with pytest.raises(SystemExit):
         quickstart.main()
