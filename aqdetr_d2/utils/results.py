@@ -11,6 +11,8 @@ import math
 import statistics
 from typing import Dict, List, Optional, Sequence
 
+from ..experiments.shapes_ablation import PRECISIONS
+
 # Row key -> what the row is, in table order.
 ROW_KEYS = {
     "teacher": "full-precision teacher",
@@ -70,10 +72,11 @@ def _fmt(value: float) -> str:
 
 
 def ap_cell(row: dict, metric: str = "AP") -> str:
-    """"57.6" for an untrained row; "54.1 ± 0.5" (mean ± std over seeds) for a trained one."""
+    """"57.6" for an untrained row or a single seed (no spread to show); "54.1 ± 0.5" (mean ± std
+    over seeds) for a row trained with several."""
     values = list(seed_values(row, metric).values())
-    if not values:
-        return _fmt(row[metric])
+    if len(values) < 2:
+        return _fmt(values[0] if values else row[metric])
     mean, std = mean_std(values)
     return f"{_fmt(mean)} ± {std:.1f}"
 
@@ -98,7 +101,7 @@ def rows_table(results: dict, baseline_key: str = "lsq") -> str:
 
 def grid_table(results_list: List[dict]) -> str:
     """Several results files (one per precision) side by side: one row per key, AP mean ± std."""
-    columns = [r["args"]["precision"].upper() for r in results_list]
+    columns = [PRECISIONS.get(r["args"]["precision"], r["args"]["precision"].upper()) for r in results_list]
     by_key: List[Dict[str, dict]] = [{row["key"]: row for row in r["rows"]} for r in results_list]
     keys = [key for base in ROW_KEYS for key in (base, base + INTERP) if any(key in rows for rows in by_key)]
     lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]

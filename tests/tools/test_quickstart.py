@@ -206,7 +206,7 @@ def test_teacher_schedules(quickstart):
         values = quickstart.teacher_schedule(quickstart.ARCHS[arch], iters)
         return dict(zip(values[::2], values[1::2]))
 
-    # Deformable-DETR: the schedule its committed teacher was trained with (docs/quickstart/README.md).
+    # Deformable-DETR: the schedule its committed teacher was trained with (docs/quickstart/deformable_teacher.yaml).
     assert opts("deformable") == {"SOLVER.MAX_ITER": "3500", "SOLVER.STEPS": "(3000,)", "TEST.EVAL_PERIOD": "700",
                                   "SOLVER.CHECKPOINT_PERIOD": "700"}
     # DETR: the committed teacher's schedule, two drops, evaluated 36 times for its curve.

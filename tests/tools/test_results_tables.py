@@ -49,10 +49,11 @@ def test_rows_table_shows_mean_std_each_seed_and_the_claim():
 
 
 def test_grid_puts_precisions_side_by_side():
-    table = grid_table([_results("w4a4", [_row("lsq", [50.0, 52.0])]),
+    table = grid_table([_results("w4a4", [_row("lsq", [50.0, 52.0]), _row("aq", [49.0])]),
                         _results("w2a2", [_row("lsq", [20.0, 22.0]), _row("aq+interp", [30.0, 30.0])])])
-    assert table.splitlines()[0] == "| run | W4A4 | W2A2 |"
+    assert table.splitlines()[0] == "| run | W4A4A4 | W2A2A2 |"
     assert "| LSQ | 51.0 ± 1.4 | 21.0 ± 1.4 |" in table
+    assert "| AQ-DETR (auxiliary queries + distillation) | 49.0 | - |" in table  # one seed: no spread shown
     assert "| AQ-DETR (auxiliary queries + distillation), interpolated with its start | - | 30.0 ± 0.0 |" in table
 
 
