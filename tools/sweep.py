@@ -309,12 +309,13 @@ def main(argv=None):
         return
     trials = run_trials(args, student_cfg, common, [(variant, opts) for variant in args.variants
                                                     for opts in draw_trials(space, variant, args.budget, args.draw_seed)])
-    picked = {}
-    for variant in args.variants:
-        best = max((t for t in trials if t["variant"] == variant), key=lambda t: t["holdout"]["AP"])
-        picked[variant] = {"trial": best["trial"], "opts": best["opts"], "holdout_AP": best["holdout"]["AP"]}
-        if args.alphas and VARIANTS[variant][1]:
-            picked[variant]["interpolation"] = pick_alpha(args, student_cfg, best)
+    best = {v: max((t for t in trials if t["variant"] == v), key=lambda t: t["holdout"]["AP"]) for v in args.variants}
+    picked = {v: {"trial": t["trial"], "opts": t["opts"], "holdout_AP": t["holdout"]["AP"]} for v, t in best.items()}
+    interpolated = [v for v in args.variants if args.alphas and VARIANTS[v][1]]
+    with ThreadPoolExecutor(args.jobs) as pool:  # each variant's evaluations in one job
+        for variant, interpolation in zip(interpolated, pool.map(lambda v: pick_alpha(args, student_cfg, best[v]),
+                                                                 interpolated)):
+            picked[variant]["interpolation"] = interpolation
     path = write_outputs(args, trials, picked)
     write_picked_configs(args, [next(t for t in trials if t["trial"] == p["trial"]) for p in picked.values()], path)
 

@@ -175,3 +175,42 @@ def test_parallel_jobs_run_the_same_trials_on_a_share_of_the_cores(sweep, tmp_pa
         assert len(calls) == 6
     assert results[1] == results[2]
     assert threads == {"1"}
+
+
+def test_each_quantized_pick_gets_the_alpha_best_on_holdout(sweep, tmp_path, monkeypatch):
+    """--alphas: each quantized variant's pick is interpolated with its start at every alpha and
+    evaluated on holdout; the best alpha is picked (here 0.75 for aux, 0.5 for lsq); the control
+    gets none. The same with two jobs."""
+    space = tmp_path / "space.yaml"
+    space.write_text("variants:\n  aux:\n    MODEL.AUX_QUERIES.LOSS_WEIGHT: [0.5, 1.0]\n")
+    best_alpha = {"lsq": "0.5", "aux": "0.75"}
+
+    def fake_train_net(config, out, opts, log_path):
+        if "--eval-only" not in opts:
+            return _finished_run(out, opts, 50.0)
+        variant = os.path.basename(os.path.dirname(out)).split("_")[0]
+        alpha = os.path.basename(out).split("_")[1]
+        assert runs.last_value(opts[1:], "DATASETS.TEST", "") == "('shapes_holdout',)"  # after --eval-only
+        ap = 60.0 if alpha == best_alpha[variant] else 55.0
+        with open(log_path, "w") as log:
+            log.write(runs.log_header(runs.train_net_command(config, out, opts)))
+            log.write(f"copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: {ap},90.0,70.0,60.0,60.0,nan\n")
+        return 1.0
+
+    def fake_interpolate(cmd, log_path, failure):
+        open(cmd[cmd.index("--output") + 1], "wb").close()
+        return 1.0
+
+    monkeypatch.setattr(sweep, "train_net", fake_train_net)
+    monkeypatch.setattr(sweep, "run_logged", fake_interpolate)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        sweep.main(["--space", str(space), "--variants", "fp", "lsq", "aux", "--budget", "2", "--iters", "20",
+                    "--alphas", "0.5", "0.75", "1.0", "--output", str(out), "--jobs", jobs])
+        picked = json.loads((out / "sweep.json").read_text())["picked"]
+        assert "interpolation" not in picked["fp"]
+        for variant, alpha in best_alpha.items():
+            assert picked[variant]["interpolation"]["alpha"] == float(alpha)
+            assert picked[variant]["interpolation"]["holdout_AP"] == {
+                a: (60.0 if a == alpha else 55.0) for a in ("0.5", "0.75", "1")}
