@@ -170,6 +170,9 @@ def main():
         # batches), not trained: what fine-tuning starts from.
         ("calibrated", f"calibrated start {bits} (no training)", "calibrated", student_cfg, common + untrained),
     ]
+    for key in args.variants:  # which settings each row trains with: a picked config, or the defaults
+        config, _, iters = variant_run(args, key, student_cfg, common)
+        stage(f"{VARIANTS[key][0]}: {config}, {iters} iterations")
     retrained, alphas = set(), interpolation_alphas(args)
     todo = [(key, seed) for key in args.variants for seed in args.seeds]
     # The slowest variants first (distillation, then auxiliary queries), the short evaluations
