@@ -126,11 +126,15 @@ def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) ->
 
 
 def run_trials(args, student_cfg: str, common: list, todo: list) -> list:
-    """`run_trial` for each (variant, opts) of `todo`, `--jobs` at a time; results in `todo`'s order."""
+    """`run_trial` for each (variant, opts) of `todo`, `--jobs` at a time, the slowest variants
+    (distillation, then auxiliary queries) first so that the jobs end together; results in
+    `todo`'s order."""
     if args.jobs == 1:
         return [run_trial(args, student_cfg, common, variant, opts) for variant, opts in todo]
+    order = sorted(range(len(todo)), key=lambda i: (not VARIANTS[todo[i][0]][3], not VARIANTS[todo[i][0]][2]))
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each trial is a train_net process
-        return list(pool.map(lambda t: run_trial(args, student_cfg, common, *t), todo))
+        futures = {i: pool.submit(run_trial, args, student_cfg, common, *todo[i]) for i in order}
+        return [futures[i].result() for i in range(len(todo))]
 
 
 def teacher_holdout_ap(args, teacher: str) -> float:

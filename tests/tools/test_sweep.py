@@ -173,6 +173,8 @@ def test_parallel_jobs_run_the_same_trials_on_a_share_of_the_cores(sweep, tmp_pa
         result = json.loads((out / "sweep.json").read_text())
         results[jobs] = ([(t["trial"], t["opts"], t["holdout"]["AP"]) for t in result["trials"]], result["picked"])
         assert len(calls) == 6
+        if jobs == 2:  # the slower variant's trials start first
+            assert [os.path.basename(out).split("_")[0] for out, _ in calls[:2]] == ["aux", "aux"]
     assert results[1] == results[2]
     assert threads == {"1"}
 
