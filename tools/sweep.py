@@ -241,8 +241,10 @@ def write_outputs(args, trials, picked):
         json.dump({"args": vars(args), "trials": trials, "picked": picked}, f, indent=2)
     lines = [f"Command: `python tools/sweep.py {' '.join(sys.argv[1:])}`", "",
              "| variant | trial | options | holdout AP | AP50 | AP75 | picked |", "|---|---|---|---|---|---|---|"]
+    schedule = picked.get("schedule")  # stage one: the trials on the picked schedule are the picks
     for t in trials:
-        mark = "yes" if (picked.get(t["variant"]) or {}).get("trial") == t["trial"] else ""
+        mark = "yes" if ((picked.get(t["variant"]) or {}).get("trial") == t["trial"]
+                         or (schedule is not None and t["opts"] == schedule["opts"])) else ""
         lines.append(f"| {t['variant']} | {t['trial']} | `{' '.join(t['opts'])}` | {t['holdout']['AP']:.1f} | "
                      f"{t['holdout']['AP50']:.1f} | {t['holdout']['AP75']:.1f} | {mark} |")
     for variant, p in picked.items():
@@ -255,6 +257,8 @@ def write_outputs(args, trials, picked):
                   "| schedule | control shift (AP) | holds | variants' holdout AP |", "|---|---|---|---|"]
         lines += [f"| `{' '.join(p['opts'])}` | {p['control_shift']:+.2f} | {'yes' if p['holds'] else 'no'} | "
                   f"{p['variants_AP']:.1f} |" for p in picked["points"]]
+        lines += ["", f"Picked schedule: `{' '.join(schedule['opts'])}`" if schedule else
+                  "Picked schedule: none (no drawn schedule keeps the control within the tolerance)"]
     with open(os.path.join(args.results or args.output, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return path

@@ -139,7 +139,10 @@ def test_the_schedule_is_the_best_for_the_students_among_those_the_control_holds
     assert picked["teacher_holdout_AP"] == 60.0
     assert picked["schedule"]["opts"] == ["SOLVER.BASE_LR", "2e-05"]
     assert [p["holds"] for p in sorted(picked["points"], key=lambda p: p["opts"][1])] == [True, True, False]
-    assert "| `SOLVER.BASE_LR 5e-05` | -1.50 | no |" in (stage_one / "sweep.md").read_text()
+    table = (stage_one / "sweep.md").read_text()
+    assert "| `SOLVER.BASE_LR 5e-05` | -1.50 | no |" in table and "Picked schedule: `SOLVER.BASE_LR 2e-05`" in table
+    marked = [line.split(" | ")[1] for line in table.splitlines() if line.endswith("| yes |")]
+    assert marked == [sweep.trial_name(v, ["SOLVER.BASE_LR", "2e-05"]) for v in ("fp", "lsq")]
     # The control and LSQ on the picked schedule become configs, as stage two's picks do.
     for variant, quantized in (("fp", False), ("lsq", True)):
         cfg = load_config(str(tmp_path / "picked" / f"detr_w4a4_{variant}.yaml"))
