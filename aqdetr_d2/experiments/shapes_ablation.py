@@ -40,14 +40,19 @@ def teacher_schedule(arch, iters=None):
             "SOLVER.CHECKPOINT_PERIOD", period]
 
 
+# A fine-tune checkpoints this often, so that an interrupted one resumes (exactly) instead of
+# starting over; a 1000-iteration AQ-DETR fine-tune takes about 35 minutes on one core.
+FINE_TUNE_CHECKPOINT_PERIOD = 200
+
+
 def fine_tune_opts(teacher: str, teacher_cfg: str, iters: int):
     """train_net options of every fine-tune from the teacher: its weights (and, for distillation,
     the teacher itself), `iters` iterations with the learning-rate drop at 80 %, one evaluation
-    at the end, one checkpoint."""
+    at the end, a checkpoint every `FINE_TUNE_CHECKPOINT_PERIOD` iterations."""
     return BACKBONE_OPTS + ["MODEL.WEIGHTS", teacher, "MODEL.DISTILL.TEACHER_WEIGHTS", teacher,
                             "MODEL.DISTILL.TEACHER_CONFIG", teacher_cfg, "SOLVER.MAX_ITER", str(iters),
                             "SOLVER.STEPS", f"({int(iters * 0.8)},)", "TEST.EVAL_PERIOD", "0",
-                            "SOLVER.CHECKPOINT_PERIOD", str(iters)]
+                            "SOLVER.CHECKPOINT_PERIOD", str(min(iters, FINE_TUNE_CHECKPOINT_PERIOD))]
 
 
 def variant_opts(key: str):

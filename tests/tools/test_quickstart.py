@@ -203,6 +203,15 @@ def test_teacher_schedules(quickstart):
     assert opts("detr", 1800)["SOLVER.STEPS"] == "(600, 1200,)" and opts("detr", 1800)["TEST.EVAL_PERIOD"] == "50"
 
 
+def test_fine_tunes_checkpoint_often_enough_to_resume():
+    def opts(iters):
+        values = shapes_ablation.fine_tune_opts("t.pth", "t.yaml", iters)
+        return dict(zip(values[::2], values[1::2]))
+
+    assert opts(1000)["SOLVER.CHECKPOINT_PERIOD"] == "200" and opts(1000)["SOLVER.STEPS"] == "(800,)"
+    assert opts(20)["SOLVER.CHECKPOINT_PERIOD"] == "20"
+
+
 def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(quickstart, "train_net", lambda config, out, opts, log: calls.append((out, opts)) or 1.0)
