@@ -29,7 +29,7 @@ reproduces the fine-tune with train_net.py alone, given SEED and OUTPUT_DIR; sta
 the control's and the variants' configs on the picked schedule.
 
 `--jobs N` runs N trials at once, each with 1/N of the cores (OMP_NUM_THREADS, unless set): on a
-2-core CPU two single-threaded fine-tunes finish 1.27x sooner than one after the other on two
+2-core CPU two single-threaded fine-tunes finish 1.28x sooner than one after the other on two
 threads (the shapes models' small tensors keep a second thread half idle). A thread count
 changes float rounding, so trials run with different --jobs are not bit-identical.
 """
