@@ -31,9 +31,9 @@ from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, 
                                         record_minutes, run_logged, run_numerics, stage, train_net)
 from aqdetr_d2.experiments.ablation_table import (interpolated_name, mean_over_seeds, previous_minutes,
                                                    with_previous_rows, write_results)
-from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
-                                                   TEACHER_CURVE_OPTS, VARIANTS, fine_tune_opts, teacher_schedule,
-                                                   variant_opts)
+from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, FINE_TUNE_CHECKPOINT_PERIOD,
+                                                   PRECISIONS, TEACHER_CURVE_OPTS, VARIANTS, fine_tune_opts,
+                                                   teacher_schedule, variant_opts)
 
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 # Where tools/sweep.py writes the settings it picked on shapes_holdout (relative to the root).
@@ -261,14 +261,16 @@ def fine_tune(args, key: str, seed: int, progress: str, student_cfg: str, common
 def variant_run(args, key: str, student_cfg: str, common):
     """(config, train_net options, iterations) of variant `key`'s fine-tunes: the config that
     tools/sweep.py picked for it in `--configs` when there is one (it holds the schedule and the
-    method's settings; only SEED, OUTPUT_DIR and --opts are added), else the student config with
-    the quickstart's schedule."""
+    method's settings; only the checkpoint period, SEED, OUTPUT_DIR and --opts are added), else the
+    student config with the quickstart's schedule."""
     from aqdetr_d2.config import load_config
 
     picked = os.path.join(ROOT, args.configs, f"{args.arch}_{args.precision}_{key}.yaml")
     if os.path.exists(picked):
         config = os.path.relpath(os.path.abspath(picked), ROOT)
-        return config, list(args.opts), load_config(os.path.join(ROOT, config), args.opts).SOLVER.MAX_ITER
+        iters = load_config(os.path.join(ROOT, config), args.opts).SOLVER.MAX_ITER
+        period = ["SOLVER.CHECKPOINT_PERIOD", str(min(iters, FINE_TUNE_CHECKPOINT_PERIOD))]
+        return config, period + list(args.opts), iters
     return student_cfg, common + variant_opts(key), args.iters
 
 

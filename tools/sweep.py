@@ -115,6 +115,9 @@ def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) ->
     if args.resume and finished(run_dir, iters):
         stage(f"{variant} {os.path.basename(run_dir)}: kept the finished trial")
         minutes = recorded_minutes(run_dir)
+        # What it ran with, as recorded when it ran (options that change no result, such as the
+        # checkpoint period, may have changed since).
+        full = args.recorded_opts.get(os.path.basename(run_dir), full)
     else:
         stage(f"{variant} {os.path.basename(run_dir)}: {' '.join(opts) or 'defaults'}")
         minutes = train_net(student_cfg, run_dir, (["--resume"] if args.resume else []) + full, run_dir + ".log") / 60
@@ -123,6 +126,15 @@ def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) ->
     stage(f"{variant} {os.path.basename(run_dir)}: holdout AP {metrics['AP']:.1f}")
     return {"variant": variant, "trial": os.path.basename(run_dir), "opts": opts, "train_opts": full,
             "holdout": metrics, "train_minutes": minutes, "output_dir": run_dir}
+
+
+def recorded_train_opts(sweep_json: str) -> dict:
+    """trial -> the train_net options an earlier run of this sweep recorded for it ({} if none)."""
+    try:
+        with open(sweep_json) as f:
+            return {t["trial"]: t["train_opts"] for t in json.load(f)["trials"]}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def run_trials(args, student_cfg: str, common: list, todo: list) -> list:
@@ -204,12 +216,12 @@ def _config_value(text: str):
 
 def picked_config(args, student_cfg: str, trial: dict, sweep_path: str) -> str:
     """YAML text of a config that reproduces `trial` on `student_cfg` (the trial's own student
-    config, or another precision's): every option but the holdout evaluation, SEED and
-    OUTPUT_DIR, which the caller chooses."""
+    config, or another precision's): every option but the holdout evaluation, SEED, OUTPUT_DIR
+    and the checkpoint period, which the caller chooses."""
     tree: dict = {}
     opts = trial["train_opts"]
     for key, value in zip(opts[::2], opts[1::2]):
-        if key in ("DATASETS.TEST", "SEED"):
+        if key in ("DATASETS.TEST", "SEED", "SOLVER.CHECKPOINT_PERIOD"):  # the caller's, changing no result
             continue
         node = tree
         parts = key.split(".")
@@ -238,7 +250,8 @@ def write_outputs(args, trials, picked):
     os.makedirs(args.results or args.output, exist_ok=True)
     path = os.path.join(args.results or args.output, "sweep.json")
     with open(path, "w") as f:
-        json.dump({"args": vars(args), "trials": trials, "picked": picked}, f, indent=2)
+        recorded = {k: v for k, v in vars(args).items() if k != "recorded_opts"}
+        json.dump({"args": recorded, "trials": trials, "picked": picked}, f, indent=2)
     lines = [f"Command: `python tools/sweep.py {' '.join(sys.argv[1:])}`", "",
              "| variant | trial | options | holdout AP | AP50 | AP75 | picked |", "|---|---|---|---|---|---|---|"]
     schedule = picked.get("schedule")  # stage one: the trials on the picked schedule are the picks
@@ -298,6 +311,7 @@ def main(argv=None):
     if any(not 0.0 <= a <= 1.0 for a in args.alphas):
         parser.error("--alphas must lie in [0, 1]")
     space = load_space(args.space)
+    args.recorded_opts = recorded_train_opts(os.path.join(args.results or args.output, "sweep.json"))
     if args.schedule_from:  # the schedule is fixed: only the methods' own knobs are drawn
         space = {**space, "shared": {}}
 

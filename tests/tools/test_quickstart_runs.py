@@ -123,7 +123,7 @@ def test_picked_configs_replace_the_default_schedule(quickstart, tmp_path, monke
     runs_by_name = {name: (config, opts) for name, config, opts in calls}
     config, opts = runs_by_name["aq_seed1"]
     assert os.path.abspath(os.path.join(runs.ROOT, config)) == str(picked / "detr_w4a4_aq.yaml")
-    assert opts == ["SEED", "1"]
+    assert opts == ["SOLVER.CHECKPOINT_PERIOD", "30", "SEED", "1"]  # resumable: at most every 200 iterations
     config, opts = runs_by_name["lsq_seed1"]
     assert config == "configs/shapes/aqdetr_w4a4.yaml" and runs.last_value(opts, "SOLVER.MAX_ITER", "") == "20"
     monkeypatch.setattr("sys.argv", argv + ["--resume"])

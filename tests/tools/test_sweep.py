@@ -77,12 +77,22 @@ def test_every_variant_gets_the_budget_on_holdout_and_the_best_is_picked(sweep, 
     sweep.main(argv + ["--resume"])
     assert calls == []
     assert json.loads((out / "sweep.json").read_text())["trials"] == result["trials"]
+    assert "recorded_opts" not in json.loads((out / "sweep.json").read_text())["args"]
+    # A kept trial keeps the options it was recorded with, even where the tool's defaults moved since.
+    recorded = json.loads((out / "sweep.json").read_text())
+    recorded["trials"][0]["train_opts"] += ["SOLVER.CHECKPOINT_PERIOD", "1000"]
+    (out / "sweep.json").write_text(json.dumps(recorded))
+    sweep.main(argv + ["--resume"])
+    assert json.loads((out / "sweep.json").read_text())["trials"][0]["train_opts"][-2:] == [
+        "SOLVER.CHECKPOINT_PERIOD", "1000"]
 
     # A picked config alone gives train_net the trial's settings (given SEED, OUTPUT_DIR, test set).
     trial = next(t for t in result["trials"] if t["trial"] == result["picked"]["aq"]["trial"])
     picked = load_config(str(tmp_path / "picked" / "detr_w2a2_aq.yaml"))
     from_opts = load_config(os.path.join(runs.ROOT, "configs", "shapes", "aqdetr_w2a2.yaml"), trial["train_opts"])
-    picked.merge_from_list(["SEED", "1", "DATASETS.TEST", "('shapes_holdout',)"])
+    assert picked.SOLVER.CHECKPOINT_PERIOD != from_opts.SOLVER.CHECKPOINT_PERIOD  # left to the caller
+    picked.merge_from_list(["SEED", "1", "DATASETS.TEST", "('shapes_holdout',)",
+                            "SOLVER.CHECKPOINT_PERIOD", str(from_opts.SOLVER.CHECKPOINT_PERIOD)])
     assert picked.dump() == from_opts.dump()
     # The same settings for another precision: that precision's student config underneath.
     other = load_config(str(tmp_path / "picked" / "detr_w4a4_aq.yaml"))
