@@ -27,9 +27,11 @@ def run_folders(source: str):
 
 
 def finished(path: str) -> bool:
-    """A training run that wrote its final model, or an evaluation-only run (no checkpoint at all)."""
+    """A training run that wrote its final model, or an evaluation-only run (which writes no event
+    file and no checkpoint: a training run has its event file from its first iteration)."""
     files = os.listdir(path)
-    return "model_final.pth" in files or not any(f.endswith(".pth") for f in files)
+    training = any(f.startswith("events.out.tfevents") or f.endswith(".pth") or f == "metrics.json" for f in files)
+    return "model_final.pth" in files or not training
 
 
 def collect(source: str, destination: str) -> list:

@@ -24,6 +24,7 @@ def test_copies_tables_and_finished_runs_only(collect_runs, tmp_path):
     _run(source / "lsq_seed1" / "interpolated_0.75")  # an evaluation inside the run
     _run(source / "calibrated")  # evaluation only: no checkpoint
     _run(source / "aq_seed1", "model_0000499.pth")  # interrupted
+    _run(source / "aux_seed1", "events.out.tfevents.1.vm", "metrics.json")  # before its first checkpoint
     (source / "results.json").write_text("{}")
     (source / "notes.txt").write_text("not a table")
     written = collect_runs.collect(str(source), str(tmp_path / "docs"))
