@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, logged_evaluation,
-                                        record_minutes, run_logged, run_numerics, stage, train_net)
+                                        record_minutes, run_logged, run_numerics, share_cores, stage, train_net)
 from aqdetr_d2.experiments.ablation_table import (interpolated_name, mean_over_seeds, previous_minutes,
                                                    with_previous_rows, write_results)
-from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, FINE_TUNE_CHECKPOINT_PERIOD,
-                                                   PRECISIONS, TEACHER_CURVE_OPTS, VARIANTS, fine_tune_opts,
-                                                   teacher_schedule, variant_opts)
+from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
+                                                   TEACHER_CURVE_OPTS, VARIANTS, checkpoint_opts, fine_tune_opts,
+                                                   slowest_first, teacher_schedule, variant_opts)
 
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 # Where tools/sweep.py writes the settings it picked on shapes_holdout (relative to the root).
@@ -120,7 +120,7 @@ def main():
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     # Every run of the table, evaluations included, on the same threads: they set the last bits.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    share_cores(args.jobs)
     if args.interpolate is not None and args.interpolate_from:
         parser.error("--interpolate and --interpolate-from exclude each other")
     if args.interpolate is not None:
@@ -170,23 +170,21 @@ def main():
         # batches), not trained: what fine-tuning starts from.
         ("calibrated", f"calibrated start {bits} (no training)", "calibrated", student_cfg, common + untrained),
     ]
-    for key in args.variants:  # which settings each row trains with: a picked config, or the defaults
-        config, _, iters = variant_run(args, key, student_cfg, common)
+    settings = {key: variant_run(args, key, student_cfg, common) for key in args.variants}
+    for key, (config, _, iters) in settings.items():  # a picked config, or the defaults
         stage(f"{VARIANTS[key][0]}: {config}, {iters} iterations")
     retrained, alphas = set(), interpolation_alphas(args)
-    todo = [(key, seed) for key in args.variants for seed in args.seeds]
-    # The slowest variants first (distillation, then auxiliary queries), the short evaluations
-    # last, so that parallel jobs end together.
-    order = sorted(todo, key=lambda t: (not VARIANTS[t[0]][3], not VARIANTS[t[0]][2]))
+    # The slowest variants first, the short evaluations last, so that parallel jobs end together.
+    order = sorted(((key, seed) for key in args.variants for seed in args.seeds), key=lambda t: slowest_first(t[0]))
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each run is a train_net process
-        fine_tunes = [pool.submit(fine_tune, args, key, seed, f"{i + 1} of {len(order)}", student_cfg, common,
+        fine_tunes = [pool.submit(fine_tune, args, key, seed, f"{i + 1} of {len(order)}", settings[key],
                                   retrained, alphas.get(key)) for i, (key, seed) in enumerate(order)]
         rows = [pool.submit(evaluate, args, *spec) for spec in evaluations]
         finished_runs = {t: f.result() for t, f in zip(order, fine_tunes)}
         rows = [f.result() for f in rows]
     for key in args.variants:
         name = VARIANTS[key][0]
-        config, opts, _ = variant_run(args, key, student_cfg, common)
+        config, opts, _ = settings[key]
         runs = [finished_runs[key, seed][0] for seed in args.seeds]
         interpolated = [finished_runs[key, seed][1] for seed in args.seeds if key in alphas]
         size_mb, gops = size_and_ops(config, opts)
@@ -229,13 +227,13 @@ def interpolation_alphas(args) -> dict:
     return {} if args.interpolate is None else dict.fromkeys(args.variants, args.interpolate)
 
 
-def fine_tune(args, key: str, seed: int, progress: str, student_cfg: str, common, retrained: set,
-              alpha=None):
-    """One variant's fine-tune with one seed, or the finished run kept by --resume (its folder is
-    added to `retrained` when it is trained here). Returns the run (final metrics, seed, minutes,
-    folder) and, given `alpha`, the run interpolated with its start (else None)."""
+def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retrained: set, alpha=None):
+    """One fine-tune of variant `key` with one seed, on `setting` (`variant_run`'s config, options
+    and iterations), or the finished run kept by --resume (its folder is added to `retrained` when
+    it is trained here). Returns the run (final metrics, seed, minutes, folder) and, given `alpha`,
+    the run interpolated with its start (else None)."""
     name, quantized = VARIANTS[key][:2]
-    config, opts, iters = variant_run(args, key, student_cfg, common)
+    config, opts, iters = setting
     run_dir = os.path.join(args.output, f"{key}_seed{seed}")
     if args.resume and finished(run_dir, iters):
         stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
@@ -269,8 +267,7 @@ def variant_run(args, key: str, student_cfg: str, common):
     if os.path.exists(picked):
         config = os.path.relpath(os.path.abspath(picked), ROOT)
         iters = load_config(os.path.join(ROOT, config), args.opts).SOLVER.MAX_ITER
-        period = ["SOLVER.CHECKPOINT_PERIOD", str(min(iters, FINE_TUNE_CHECKPOINT_PERIOD))]
-        return config, period + list(args.opts), iters
+        return config, checkpoint_opts(iters) + list(args.opts), iters
     return student_cfg, common + variant_opts(key), args.iters
 
 

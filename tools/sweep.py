@@ -46,9 +46,10 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, last_value,
-                                        logged_evaluation, record_minutes, recorded_minutes, run_logged, stage,
-                                        train_net)
-from aqdetr_d2.experiments.shapes_ablation import ARCHS, PRECISIONS, VARIANTS, fine_tune_opts, variant_opts
+                                        logged_evaluation, record_minutes, recorded_minutes, run_logged, share_cores,
+                                        stage, train_net)
+from aqdetr_d2.experiments.shapes_ablation import (ARCHS, PRECISIONS, VARIANTS, fine_tune_opts, slowest_first,
+                                                   variant_opts)
 
 HOLDOUT = ["DATASETS.TEST", "('shapes_holdout',)"]
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
@@ -143,7 +144,7 @@ def run_trials(args, student_cfg: str, common: list, todo: list) -> list:
     `todo`'s order."""
     if args.jobs == 1:
         return [run_trial(args, student_cfg, common, variant, opts) for variant, opts in todo]
-    order = sorted(range(len(todo)), key=lambda i: (not VARIANTS[todo[i][0]][3], not VARIANTS[todo[i][0]][2]))
+    order = sorted(range(len(todo)), key=lambda i: slowest_first(todo[i][0]))
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each trial is a train_net process
         futures = {i: pool.submit(run_trial, args, student_cfg, common, *todo[i]) for i in order}
         return [futures[i].result() for i in range(len(todo))]
@@ -246,9 +247,14 @@ def schedule_of(sweep_json):
     return schedule["opts"]
 
 
+def results_dir(args) -> str:
+    """Where sweep.json and sweep.md are written."""
+    return args.results or args.output
+
+
 def write_outputs(args, trials, picked):
-    os.makedirs(args.results or args.output, exist_ok=True)
-    path = os.path.join(args.results or args.output, "sweep.json")
+    os.makedirs(results_dir(args), exist_ok=True)
+    path = os.path.join(results_dir(args), "sweep.json")
     with open(path, "w") as f:
         recorded = {k: v for k, v in vars(args).items() if k != "recorded_opts"}
         json.dump({"args": recorded, "trials": trials, "picked": picked}, f, indent=2)
@@ -272,7 +278,7 @@ def write_outputs(args, trials, picked):
                   f"{p['variants_AP']:.1f} |" for p in picked["points"]]
         lines += ["", f"Picked schedule: `{' '.join(schedule['opts'])}`" if schedule else
                   "Picked schedule: none (no drawn schedule keeps the control within the tolerance)"]
-    with open(os.path.join(args.results or args.output, "sweep.md"), "w") as f:
+    with open(os.path.join(results_dir(args), "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
@@ -306,12 +312,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.budget < 1 or args.jobs < 1:
         parser.error("--budget and --jobs must be at least 1")
-    if args.jobs > 1:  # children inherit it; one set by the user wins
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    if args.jobs > 1:
+        share_cores(args.jobs)
     if any(not 0.0 <= a <= 1.0 for a in args.alphas):
         parser.error("--alphas must lie in [0, 1]")
     space = load_space(args.space)
-    args.recorded_opts = recorded_train_opts(os.path.join(args.results or args.output, "sweep.json"))
+    args.recorded_opts = recorded_train_opts(os.path.join(results_dir(args), "sweep.json"))
     if args.schedule_from:  # the schedule is fixed: only the methods' own knobs are drawn
         space = {**space, "shared": {}}
 

@@ -29,6 +29,12 @@ def stage(message: str):
     print(f"[{os.path.basename(sys.argv[0])} {time.strftime('%H:%M:%S')}, {elapsed:.1f} min] {message}", flush=True)
 
 
+def share_cores(jobs: int):
+    """Give each of `jobs` parallel runs 1/jobs of the cores (OMP_NUM_THREADS, which the train_net
+    processes inherit; one the user set wins)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+
+
 def train_net_command(config: str, output_dir: str, opts):
     return [sys.executable, TRAIN_NET, "--config-file", os.path.join(ROOT, config), *opts, "OUTPUT_DIR", output_dir]
 

@@ -52,7 +52,19 @@ def fine_tune_opts(teacher: str, teacher_cfg: str, iters: int):
     return BACKBONE_OPTS + ["MODEL.WEIGHTS", teacher, "MODEL.DISTILL.TEACHER_WEIGHTS", teacher,
                             "MODEL.DISTILL.TEACHER_CONFIG", teacher_cfg, "SOLVER.MAX_ITER", str(iters),
                             "SOLVER.STEPS", f"({int(iters * 0.8)},)", "TEST.EVAL_PERIOD", "0",
-                            "SOLVER.CHECKPOINT_PERIOD", str(min(iters, FINE_TUNE_CHECKPOINT_PERIOD))]
+                            *checkpoint_opts(iters)]
+
+
+def checkpoint_opts(iters: int):
+    """The checkpoint period of an `iters`-iteration fine-tune, as train_net options."""
+    return ["SOLVER.CHECKPOINT_PERIOD", str(min(iters, FINE_TUNE_CHECKPOINT_PERIOD))]
+
+
+def slowest_first(key: str):
+    """Sort key putting variant `key`'s runs first the longer they take (distillation runs the
+    teacher, auxiliary queries triple the decoder's queries), so that parallel jobs end together."""
+    _, _, aux, distill = VARIANTS[key]
+    return not distill, not aux
 
 
 def variant_opts(key: str):
