@@ -93,7 +93,7 @@ def main():
     parser.add_argument("--iters", type=int, default=400, help="fine-tuning iterations per variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one fine-tune per variant per seed")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
-                        help="ablation rows to train (default: the four quantized ones; 'fp' adds the teacher "
+                        help="ablation rows to train (default: fp lsq aq; 'fp' is the control, the teacher "
                              "fine-tuned unquantized on the same schedule)")
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "quickstart"))
     parser.add_argument("--resume", action="store_true",

@@ -10,9 +10,10 @@ From a quantization-aware checkpoint (MODEL.WEIGHTS) it writes
   `train_net.py --eval-only --config-file docs/models/<name>/config.yaml MODEL.WEIGHTS docs/models/<name>/model.pth`
   works as written; the tool runs exactly that command and reads its AP;
 - metrics.json: AP, AP50, AP75 of that command, the command, `--made-by` (how the checkpoint
-  was trained), the file size, and onnxruntime latency and file size of the quantized ONNX
-  export against the float one (tools/export_onnx.py; the float export from the same
-  checkpoint's float weights), at batch 1 on a test-sized image, this machine's threads.
+  was trained), the file size, and for the quantized ONNX export its AP in onnxruntime
+  (tools/eval_onnx.py, same test set), its latency and file size against the float one
+  (tools/export_onnx.py; the float export from the same checkpoint's float weights), at batch 1
+  on a test-sized image, this machine's threads.
 README's model-zoo table is generated from the metrics.json files (tools/results_tables.py).
 """
 import argparse
@@ -42,6 +43,14 @@ def run(*args) -> str:
     return result.stdout + result.stderr
 
 
+def copypaste_ap(output: str, what: str):
+    """(AP, AP50, AP75) from the last `copypaste:` line of an evaluation's output."""
+    found = re.findall(r"copypaste: ([\d.]+),([\d.]+),([\d.]+),", output)
+    if not found:
+        raise UserInputError(f"{what}: the evaluation printed no AP")
+    return tuple(map(float, found[-1]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="folder name under docs/models (arch, precision, recipe)")
@@ -60,8 +69,10 @@ def main(argv=None):
     rel = os.path.relpath(entry, ROOT)
     model_path, config_path = f"{rel}/model.pth", f"{rel}/config.yaml"
 
-    # The teacher and the auxiliary queries are for training only: an entry needs neither file.
-    training_only = ["MODEL.DISTILL.ENABLED", "False", "MODEL.AUX_QUERIES.ENABLED", "False"]
+    # The teacher and the auxiliary queries are for training only: an entry needs neither, and its
+    # config names no teacher file (whose path would be this machine's).
+    training_only = ["MODEL.DISTILL.ENABLED", "False", "MODEL.AUX_QUERIES.ENABLED", "False",
+                     "MODEL.DISTILL.TEACHER_CONFIG", "", "MODEL.DISTILL.TEACHER_WEIGHTS", ""]
     run("tools/export_quantized.py", "--config-file", args.config_file, "--output", model_path, *args.opts,
         *training_only)
     cfg.defrost()
@@ -72,19 +83,18 @@ def main(argv=None):
         f.write(cfg.dump())
     eval_command = ["projects/AQDETR/train_net.py", "--eval-only", "--config-file", config_path,
                     "MODEL.WEIGHTS", model_path]
-    found = re.findall(r"copypaste: ([\d.]+),([\d.]+),([\d.]+),", run(*eval_command))
-    if not found:
-        raise UserInputError(f"{config_path}: the evaluation printed no AP")
-    ap, ap50, ap75 = map(float, found[-1])
+    ap, ap50, ap75 = copypaste_ap(run(*eval_command), config_path)
 
     size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST * 4 // 3)
     image = (torch.rand(1, 3, *size) * 255).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         quantized, float_onnx = os.path.join(tmp, "quantized.onnx"), os.path.join(tmp, "float.onnx")
         run("tools/export_onnx.py", "--config-file", config_path, "--output", quantized)
+        ort_ap = copypaste_ap(run("tools/eval_onnx.py", "--config-file", config_path, "--onnx", quantized), quantized)
         run("tools/export_onnx.py", "--config-file", args.config_file, "--output", float_onnx, "--float", *args.opts,
             *training_only)
-        onnx_metrics = {"image": list(size), "threads": os.cpu_count(),
+        onnx_metrics = {"AP": ort_ap[0], "AP50": ort_ap[1], "AP75": ort_ap[2], "image": list(size),
+                        "threads": os.cpu_count(),
                         "float_latency_s": session_latency(float_onnx, image), "latency_s": session_latency(quantized, image),
                         "float_mb": os.path.getsize(float_onnx) / MB, "mb": os.path.getsize(quantized) / MB}
     metrics = {"name": args.name, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
