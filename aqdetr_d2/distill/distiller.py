@@ -67,22 +67,28 @@ class LayerDistiller(nn.Module):
         # through it into the student.
         enc_pairs = self.adapter.encoder_pairs(outputs, teacher, teacher_out) if self._encoder_on() else []
         dec_pairs = self.adapter.decoder_pairs(outputs, teacher, teacher_out) if self._decoder_on() else []
+        # A term of weight 0 is not computed at all (the encoder-attention KL's forward alone took
+        # ~130 ms of a 1.7 s DETR AQ-DETR step on the CPU); the others run in the order they
+        # always had, so their values and gradients do not change.
+        on = {k for k, w in self.weights.items() if w > 0}
         losses = {}
-        if enc_pairs:
+        if enc_pairs and "loss_distill_enc_attn" in on:
             attn_kl = ATTENTION_KL[self.adapter.attention_kind]
             losses["loss_distill_enc_attn"] = sum(attn_kl(p.student_attn, p.teacher_attn, p.valid) for p in enc_pairs)
+        if enc_pairs and "loss_distill_enc_out" in on:
             losses["loss_distill_enc_out"] = sum(feature_mse(p.student_out, p.teacher_out, p.valid) for p in enc_pairs)
         if dec_pairs:
             class_kl = CLASS_KL["sigmoid" if student.criterion.focal else "softmax"]
-            hidden, cls, box = [], [], []
+            terms = {"loss_distill_dec_hidden": lambda p, valid: feature_mse(p.student_hidden, p.teacher_hidden, valid),
+                     "loss_distill_dec_cls": lambda p, valid: class_kl(p.student_logits, p.teacher_logits, valid),
+                     "loss_distill_dec_box": lambda p, valid: box_l1(p.student_boxes, p.teacher_boxes, valid)}
+            per_layer = {k: [] for k in terms if k in on}
             for p in dec_pairs:
                 valid = self._decoder_valid(student, targets, p)
-                hidden.append(feature_mse(p.student_hidden, p.teacher_hidden, valid))
-                cls.append(class_kl(p.student_logits, p.teacher_logits, valid))
-                box.append(box_l1(p.student_boxes, p.teacher_boxes, valid))
-            losses.update(loss_distill_dec_hidden=sum(hidden), loss_distill_dec_cls=sum(cls),
-                          loss_distill_dec_box=sum(box))
-        return {k: v * self.weights[k] for k, v in losses.items() if self.weights[k] > 0}
+                for k, values in per_layer.items():
+                    values.append(terms[k](p, valid))
+            losses.update({k: sum(values) for k, values in per_layer.items()})
+        return {k: v * self.weights[k] for k, v in losses.items()}
 
     def _encoder_on(self) -> bool:
         return self.weights["loss_distill_enc_attn"] > 0 or self.weights["loss_distill_enc_out"] > 0

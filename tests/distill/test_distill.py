@@ -9,6 +9,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from aqdetr_d2.distill import build_distiller
+from aqdetr_d2.distill import distiller as distiller_module
 from aqdetr_d2.quant import LSQQuantizer
 from detection_targets import training_batch
 
@@ -120,6 +121,44 @@ def test_terms_are_positive_and_reach_step_sizes_when_quantized(make_cfg, teache
     assert {id(p) for p in student.parameters()}.isdisjoint({id(p) for p in student.distiller.teacher.parameters()})
     for k, v in student.distiller.teacher.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k
+
+
+@pytest.mark.parametrize("arch", ["detr", "deformable"])
+def test_terms_of_weight_zero_are_skipped_and_change_nothing(make_cfg, teacher_files, monkeypatch, arch):
+    # The reference computes every term and drops two; the run with their weights at 0 must not
+    # compute them at all, and give the same other terms and gradients, bit for bit.
+    yaml, weights, overrides, _ = teacher_files(arch)
+    _, student = _student(make_cfg, arch, yaml, weights, "MODEL.QUANT.ENABLED", "True", overrides=overrides)
+    student.train()
+    batch = _batch(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        student(batch)  # step-size initialisation, so that both runs below start from the same state
+    dropped = {"loss_distill_enc_attn", "loss_distill_dec_cls"}
+
+    def step():
+        student.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        losses = student(batch)
+        sum(v for k, v in losses.items() if k not in dropped).backward()
+        return ({k: v.detach() for k, v in losses.items() if k not in dropped},
+                {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+
+    reference_losses, reference_grads = step()
+    calls = []
+    kind = student.distiller.adapter.attention_kind
+    kl = distiller_module.ATTENTION_KL[kind]
+    monkeypatch.setitem(distiller_module.ATTENTION_KL, kind, lambda *a: calls.append(1) or kl(*a))
+    class_kl = {name: f for name, f in distiller_module.CLASS_KL.items()}
+    for name, f in class_kl.items():
+        monkeypatch.setitem(distiller_module.CLASS_KL, name, lambda *a, f=f: calls.append(1) or f(*a))
+    student.distiller.weights.update(dict.fromkeys(dropped, 0.0))
+    losses, grads = step()
+    assert not calls and dropped.isdisjoint(losses)
+    assert losses.keys() == reference_losses.keys() and grads.keys() == reference_grads.keys()
+    for k, v in losses.items():
+        assert torch.equal(v, reference_losses[k]), k
+    for n, g in grads.items():
+        assert torch.equal(g, reference_grads[n]), n
 
 
 def _grad_norm(loss, params):
