@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 from aqdetr_d2.config import load_config
-from aqdetr_d2.deploy.runtime import session_latency
+from aqdetr_d2.deploy.runtime import session_latencies
 from aqdetr_d2.errors import UserInputError, user_errors_exit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,9 +93,9 @@ def main(argv=None):
         ort_ap = copypaste_ap(run("tools/eval_onnx.py", "--config-file", config_path, "--onnx", quantized), quantized)
         run("tools/export_onnx.py", "--config-file", args.config_file, "--output", float_onnx, "--float", *args.opts,
             *training_only)
+        float_latency, latency = session_latencies([float_onnx, quantized], image, repeats=30)
         onnx_metrics = {"AP": ort_ap[0], "AP50": ort_ap[1], "AP75": ort_ap[2], "image": list(size),
-                        "threads": os.cpu_count(),
-                        "float_latency_s": session_latency(float_onnx, image), "latency_s": session_latency(quantized, image),
+                        "threads": os.cpu_count(), "float_latency_s": float_latency, "latency_s": latency,
                         "float_mb": os.path.getsize(float_onnx) / MB, "mb": os.path.getsize(quantized) / MB}
     metrics = {"name": args.name, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
                "precision": f"W{cfg.MODEL.QUANT.WEIGHT_BITS}A{cfg.MODEL.QUANT.ACT_BITS}A{cfg.MODEL.QUANT.ATTN_BITS}",

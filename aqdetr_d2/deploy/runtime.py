@@ -2,7 +2,7 @@
 import os
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -38,16 +38,24 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepa
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def session_latency(path: str, image: np.ndarray, repeats: int = 10) -> float:
-    """Median seconds of one `ort_session` run of `image` (1, 3, H, W), after two warm-up runs."""
-    session = ort_session(path)
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        session.run(None, {"image": image})
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def session_latencies(paths: Sequence[str], image: np.ndarray, repeats: int = 10) -> List[float]:
+    """Median seconds of one `ort_session` run of `image` (1, 3, H, W), per file in `paths`.
+
+    Each session is warmed up twice, then the sessions take turns, `repeats` runs each: the load
+    of a shared machine drifts over seconds, and turn-taking spreads it over all of them alike, so
+    that their ratio holds (measured one after the other, the same file's median moved by 1.6x).
+    """
+    sessions = [ort_session(path) for path in paths]
+    for session in sessions:
+        for _ in range(2):
+            session.run(None, {"image": image})
+    times = [[] for _ in sessions]
+    for _ in range(repeats):
+        for session, took in zip(sessions, times):
+            start = time.perf_counter()
+            session.run(None, {"image": image})
+            took.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 class OnnxRuntimeDetector(nn.Module):
