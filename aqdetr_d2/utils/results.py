@@ -9,7 +9,7 @@ seed with "seed".
 import json
 import math
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from ..experiments.shapes_ablation import PRECISIONS
 
@@ -111,10 +111,6 @@ def grid_table(results_list: List[dict]) -> str:
         cells = [ap_cell(rows[key]) if key in rows else "-" for rows in by_key]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def find_row(results: dict, key: str) -> Optional[dict]:
-    return next((r for r in results["rows"] if r.get("key") == key), None)
 
 
 def zoo_table(entries: List[dict]) -> str:
