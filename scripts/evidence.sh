@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The DETR shapes evidence of issue 24, end to end; every step resumes (run it again after an interruption).
 #   1. stage one: the fine-tuning schedule, with the unquantized control held within 0.5 AP of the teacher;
-#   2. stage two: each method's own knobs and its interpolation alpha, on that schedule;
+#   2. stage two: each method's own knobs and its interpolation alpha, on that schedule (budget 8: every
+#      point of each method's space, auxiliary queries 4, distillation 2, AQ-DETR their 8 combinations);
 #      both on shapes_holdout only; the picks become configs/shapes/picked/*.yaml;
 #   3. the grid: every row, three seeds, at W4A4A4, W3A3A3 and W2A2A2, on shapes_val (evaluated once).
 # The control (the teacher fine-tuned unquantized) does not depend on the precision: the W3A3A3 and
@@ -18,7 +19,7 @@ PICK=(--write-configs configs/shapes/picked --config-precisions "${PRECISIONS[@]
 python tools/sweep.py --space tools/sweep_spaces/detr_schedule.yaml --precision w4a4 --variants lsq --control fp \
     --budget 8 --iters 1000 --jobs "$JOBS" --resume --output output/sweep_schedule --results "$SCHEDULE" "${PICK[@]}"
 python tools/sweep.py --space tools/sweep_spaces/detr_methods.yaml --precision w4a4 --variants lsq aux distill aq \
-    --budget 4 --iters 1000 --alphas 0.5 0.75 1.0 --schedule-from "$SCHEDULE/sweep.json" --jobs "$JOBS" --resume \
+    --budget 8 --iters 1000 --alphas 0.5 0.75 1.0 --schedule-from "$SCHEDULE/sweep.json" --jobs "$JOBS" --resume \
     --output output/sweep_methods_w4a4 --results "$METHODS" "${PICK[@]}"
 for P in "${PRECISIONS[@]}"; do
     if [ "$P" != w4a4 ]; then
