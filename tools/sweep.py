@@ -3,7 +3,7 @@
 
     python tools/sweep.py --space tools/sweep_spaces/detr_methods.yaml --precision w3a3 \\
         --variants lsq aux distill aq --budget 6 --output output/sweep_detr_w3a3 [--resume] \\
-        [--alphas 0.5 0.75 1.0] [--write-configs configs/shapes/picked]
+        [--alphas 0.5 0.75 1.0] [--write-configs configs/shapes/picked] [--status]
 
 The space file (YAML) lists knobs: `shared` ones every variant tunes (learning rate, schedule,
 EMA, ...) and per-variant ones under `variants` (auxiliary-query mode, K and weight;
@@ -109,10 +109,14 @@ def trial_name(variant: str, opts: list) -> str:
     return f"{variant}_{hashlib.sha1(json.dumps(opts).encode()).hexdigest()[:8]}"
 
 
-def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) -> dict:
-    run_dir = os.path.join(args.output, trial_name(variant, opts))
+def trial_plan(args, common: list, variant: str, opts: list):
+    """(run folder, train_net options, iterations) of one trial."""
     full = common + variant_opts(variant) + opts + HOLDOUT + ["SEED", str(args.seed)]
-    iters = int(last_value(full, "SOLVER.MAX_ITER", str(args.iters)))
+    return os.path.join(args.output, trial_name(variant, opts)), full, int(last_value(full, "SOLVER.MAX_ITER", str(args.iters)))
+
+
+def run_trial(args, student_cfg: str, common: list, variant: str, opts: list) -> dict:
+    run_dir, full, iters = trial_plan(args, common, variant, opts)
     if args.resume and finished(run_dir, iters):
         stage(f"{variant} {os.path.basename(run_dir)}: kept the finished trial")
         minutes = recorded_minutes(run_dir)
@@ -136,6 +140,32 @@ def recorded_train_opts(sweep_json: str) -> dict:
             return {t["trial"]: t["train_opts"] for t in json.load(f)["trials"]}
     except (OSError, ValueError, KeyError):
         return {}
+
+
+def method_trials(args, space: dict) -> list:
+    """Stage two's (variant, opts) trials: each variant's own draws."""
+    return [(v, opts) for v in args.variants for opts in draw_trials(space, v, args.budget, args.draw_seed)]
+
+
+def write_status(args, space: dict, common: list):
+    """--status: each trial's holdout AP where finished (from the run's own metrics.json), else
+    "not finished", printed and written to sweep_status.md. Trains and evaluates nothing."""
+    if args.control:
+        draws = draw_trials({"shared": space.get("shared", {})}, "shared", args.budget, args.draw_seed)
+        todo = [(v, opts) for opts in draws for v in (args.control, *args.variants)]
+    else:
+        todo = method_trials(args, space)
+    lines = [f"Trials so far of `python tools/sweep.py {' '.join(a for a in sys.argv[1:] if a != '--status')}`", "",
+             "| variant | trial | options | holdout AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
+    for variant, opts in todo:
+        run_dir, _, iters = trial_plan(args, common, variant, opts)
+        m = final_metrics(run_dir) if finished(run_dir, iters) else None
+        scores = f"{m['AP']:.2f} | {m['AP50']:.2f} | {m['AP75']:.2f}" if m else "not finished | | "
+        lines.append(f"| {variant} | {os.path.basename(run_dir)} | `{' '.join(opts) or 'defaults'}` | {scores} |")
+    os.makedirs(results_dir(args), exist_ok=True)
+    with open(os.path.join(results_dir(args), "sweep_status.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def run_trials(args, student_cfg: str, common: list, todo: list) -> list:
@@ -309,6 +339,8 @@ def main(argv=None):
                         help="where sweep.json and sweep.md go (default --output), e.g. the folder they are committed in")
     parser.add_argument("--resume", action="store_true", help="keep finished trials, resume unfinished ones")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once, each with 1/jobs of the cores")
+    parser.add_argument("--status", action="store_true",
+                        help="run nothing: write the trials' holdout AP so far to sweep_status.md (in --results)")
     args = parser.parse_args(argv)
     if args.budget < 1 or args.jobs < 1:
         parser.error("--budget and --jobs must be at least 1")
@@ -327,6 +359,9 @@ def main(argv=None):
         raise SystemExit(f"no committed teacher {committed}.pth; train one with tools/quickstart.py --train-teacher")
     student_cfg = ARCHS[args.arch]["student"].format(p=args.precision)
     common = fine_tune_opts(committed + ".pth", committed + ".yaml", args.iters) + schedule_of(args.schedule_from)
+    if args.status:
+        write_status(args, space, common)
+        return
     os.makedirs(args.output, exist_ok=True)
     if args.control:
         trials, picked = pick_schedule(args, space, student_cfg, common, committed)
@@ -335,8 +370,7 @@ def main(argv=None):
             on_schedule = [t for t in trials if t["opts"] == picked["schedule"]["opts"]]
             write_picked_configs(args, on_schedule, path)
         return
-    trials = run_trials(args, student_cfg, common, [(variant, opts) for variant in args.variants
-                                                    for opts in draw_trials(space, variant, args.budget, args.draw_seed)])
+    trials = run_trials(args, student_cfg, common, method_trials(args, space))
     best = {v: max((t for t in trials if t["variant"] == v), key=lambda t: t["holdout"]["AP"]) for v in args.variants}
     picked = {v: {"trial": t["trial"], "opts": t["opts"], "holdout_AP": t["holdout"]["AP"]} for v, t in best.items()}
     interpolated = [v for v in args.variants if args.alphas and VARIANTS[v][1]]

@@ -1,4 +1,5 @@
 """tools/sweep.py: the same budget per variant, holdout-only trials, the pick, resume, picked configs."""
+import argparse
 import json
 import os
 
@@ -98,6 +99,29 @@ def test_every_variant_gets_the_budget_on_holdout_and_the_best_is_picked(sweep, 
     other = load_config(str(tmp_path / "picked" / "detr_w4a4_aq.yaml"))
     assert (other.MODEL.QUANT.WEIGHT_BITS, picked.MODEL.QUANT.WEIGHT_BITS) == (4, 2)
     assert other.SOLVER.BASE_LR == picked.SOLVER.BASE_LR
+
+
+def test_status_lists_finished_trials_and_runs_nothing(sweep, tmp_path, monkeypatch):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    calls = []
+    _fake_runs(sweep, monkeypatch, calls)
+    out = tmp_path / "sweep"
+    argv = ["--space", str(space), "--variants", "aux", "--budget", "3", "--iters", "20", "--output", str(out)]
+    args = argparse.Namespace(variants=["aux"], budget=3, draw_seed=0, output=str(out), seed=1, iters=20)
+    todo = sweep.method_trials(args, sweep.load_space(str(space)))
+    # One trial finished with AP 12.5, one trained part-way, one not started.
+    teacher = os.path.join("docs", "quickstart", "detr_teacher")
+    done_dir, done_opts, _ = sweep.trial_plan(args, sweep.fine_tune_opts(teacher + ".pth", teacher + ".yaml", 20),
+                                              *todo[0])
+    _finished_run(done_dir, done_opts, 12.5)
+    os.makedirs(os.path.join(str(out), sweep.trial_name(*todo[1])))
+    sweep.main(argv + ["--status"])
+    assert calls == [] and not (out / "sweep.json").exists()
+    rows = [line for line in (out / "sweep_status.md").read_text().splitlines() if line.startswith("| aux |")]
+    assert len(rows) == 3
+    assert f"| {os.path.basename(done_dir)} |" in rows[0] and "| 12.50 | 12.50 | 12.50 |" in rows[0]
+    assert all("not finished" in row for row in rows[1:])
 
 
 def test_bad_spaces_are_refused(sweep, tmp_path):
