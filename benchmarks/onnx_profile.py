@@ -17,23 +17,16 @@ import shlex
 import sys
 import tempfile
 
-import onnx
-import onnxruntime as ort
 import torch
 
 from aqdetr_d2.deploy import export_onnx
-from aqdetr_d2.deploy.int4 import widen_int4
+from aqdetr_d2.deploy.runtime import ort_session
 from onnx_runtime import MODELS, _model  # benchmarks/, beside this script
 
 
 def op_times(path: str, image, runs: int, workdir: str) -> collections.Counter:
     """Microseconds per operator type, summed over `runs` runs of `image`."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(workdir, os.path.basename(path))
-    session = ort.InferenceSession(widen_int4(onnx.load(path)).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(path, profile_prefix=os.path.join(workdir, os.path.basename(path)))
     for _ in range(2 + runs):
         session.run(None, {"image": image})
     with open(session.end_profiling()) as f:

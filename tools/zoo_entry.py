@@ -29,6 +29,7 @@ import torch
 from aqdetr_d2.config import load_config
 from aqdetr_d2.deploy.runtime import session_latencies
 from aqdetr_d2.errors import UserInputError, user_errors_exit
+from aqdetr_d2.experiments.runs import copypaste_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 2**20
@@ -44,11 +45,11 @@ def run(*args) -> str:
 
 
 def copypaste_ap(output: str, what: str):
-    """(AP, AP50, AP75) from the last `copypaste:` line of an evaluation's output."""
-    found = re.findall(r"copypaste: ([\d.]+),([\d.]+),([\d.]+),", output)
-    if not found:
+    """(AP, AP50, AP75) of an evaluation's output (Detectron2's `copypaste:` lines)."""
+    metrics = copypaste_metrics(output.splitlines())
+    if metrics is None:
         raise UserInputError(f"{what}: the evaluation printed no AP")
-    return tuple(map(float, found[-1]))
+    return metrics["AP"], metrics["AP50"], metrics["AP75"]
 
 
 def main(argv=None):

@@ -22,7 +22,8 @@ class OnnxFileError(UserInputError):
     """An ONNX file that is missing, or that is not a graph of the config's model."""
 
 
-def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepath: Optional[str] = None):
+def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepath: Optional[str] = None,
+                profile_prefix: Optional[str] = None):
     """An onnxruntime CPU session of `path` with every graph optimisation (the QDQ fusions among
     them) and `threads` intra-op threads (default: onnxruntime's own choice). INT4 weight codes
     are widened to INT8 first, which onnxruntime's integer kernels take (see `int4`)."""
@@ -32,6 +33,9 @@ def ort_session(path: str, threads: Optional[int] = None, optimized_model_filepa
         options.intra_op_num_threads = threads
     if optimized_model_filepath:
         options.optimized_model_filepath = optimized_model_filepath
+    if profile_prefix:  # onnxruntime's profiler, its JSON from `session.end_profiling()`
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if not os.path.isfile(path):
         raise OnnxFileError(f"ONNX file {path} does not exist; write it with tools/export_onnx.py")
     model = widen_int4(onnx.load(path))
