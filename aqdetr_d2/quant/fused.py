@@ -31,11 +31,13 @@ logger = logging.getLogger(__name__)
 # Set AQDETR_FUSED_QUANT=0 to run the eager ops (e.g. to compare speed, or where no compiler is installed).
 _ENABLED = os.environ.get("AQDETR_FUSED_QUANT", "1") != "0"
 _failed = False
-# Smallest tensors worth a compiled call (its guards and wrappers cost ~70 us on the 2-core CPU):
-# below them, the eager ops are as fast or faster (measured crossovers: forward ~64k elements,
-# backward ~16k). Small layers and batch-1 inference then run eagerly and compile nothing.
-_MIN_NUMEL_FORWARD = 1 << 16
-_MIN_NUMEL_BACKWARD = 1 << 14
+# Smallest tensors worth a compiled call: below them the eager ops are as fast or faster. The
+# compiled forward's guards and wrappers cost ~70-120 us on the 2-core CPU, and its 4 eager ops
+# stay in cache up to ~1M elements (1 thread: 136 against 74 us at 256k, 284 against 394 us
+# at 1M); the eager backward's 7 ops fall behind from ~64k (98 against 216 us). So batch-1
+# inference runs eagerly and compiles nothing, and training compiles its large tensors.
+_MIN_NUMEL_FORWARD = 1 << 20
+_MIN_NUMEL_BACKWARD = 1 << 15
 # Devices whose compiled kernels were checked bit-equal to the eager ops (tests/quant/test_fused.py).
 # CUDA (Triton kernels) joins once those tests have passed on a GPU; until then it runs the eager ops.
 _CHECKED_DEVICES = ("cpu",)
@@ -137,9 +139,11 @@ def _bounds(qmin: int, qmax: int, like: Tensor) -> Tuple[Tensor, Tensor]:
             torch.tensor(float(qmax), dtype=like.dtype, device=like.device))
 
 
-def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int, qmax: int) -> Tensor:
+def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int, qmax: int,
+                  inv_scale: Optional[Tensor] = None) -> Tensor:
     """s * clamp(round((x - b) / s), qmin, qmax) + b with s = `scale` (already clamped), b =
-    `offset` (or None); both viewed to x's rank, broadcast per tensor or along one axis."""
+    `offset` (or None); both viewed to x's rank, broadcast per tensor or along one axis.
+    `inv_scale`, 1 / s computed by the caller (inference caches it), saves an op per call."""
     if _use_compiled(x, _MIN_NUMEL_FORWARD):
         layout = _Layout(x, scale)
         s = layout.param_view(scale)
@@ -148,7 +152,8 @@ def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int,
         if out is not None:
             return layout.restore(out)
     # In place after the first op: one allocation, which matters on the many small tensors.
-    out = _scaled(x, scale, offset).round_().clamp_(qmin, qmax).mul_(scale)
+    scaled = _scaled(x, scale, offset) if inv_scale is None else (x if offset is None else x - offset) * inv_scale
+    out = scaled.round_().clamp_(qmin, qmax).mul_(scale)
     return out if offset is None else out.add_(offset)
 
 

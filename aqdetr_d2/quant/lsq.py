@@ -105,6 +105,7 @@ class LSQQuantizer(QuantizerBase):
         self.learnable_offset = learnable_offset
         self.eps = eps
         self.init = init
+        self._scale_cache = None  # see _inference_scales
         if self.enabled:
             shape = self._qparam_shape(num_channels)
             self.scale = nn.Parameter(torch.ones(shape))
@@ -166,11 +167,22 @@ class LSQQuantizer(QuantizerBase):
         if not torch.is_grad_enabled():
             # Inference: the same arithmetic without the autograd.Function's per-call overhead,
             # which dominates on the many small activations of a detector.
-            return fake_quantize(x, self._view(self.scale, x).clamp_min(self.eps), offset, self.qmin, self.qmax)
+            scale, inv_scale = self._inference_scales(x)
+            return fake_quantize(x, scale, offset, self.qmin, self.qmax, inv_scale)
         grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.qmax)
         return _LSQFunction.apply(
             x, self._view(self.scale, x), offset, self.qmin, self.qmax, grad_factor, self.eps
         )
+
+    def _inference_scales(self, x):
+        """The clamped step size viewed to x's rank, and its reciprocal: cached while the step size
+        is unchanged (an optimizer step, a load or a device move changes its storage or version),
+        which saves two of the six ops of a batch-1 inference call."""
+        key = (x.dim(), self.scale.data_ptr(), self.scale._version, self.scale.dtype, self.scale.device)
+        if self._scale_cache is None or self._scale_cache[0] != key:
+            scale = self._view(self.scale, x).clamp_min(self.eps)
+            self._scale_cache = (key, scale, 1.0 / scale)
+        return self._scale_cache[1:]
 
     @torch.no_grad()
     def quantize_to_int(self, x):

@@ -54,6 +54,33 @@ def test_per_channel_forward_matches_torch(bits, signed, granularity, axis):
     assert torch.equal(q(x), ref)
 
 
+
+@pytest.mark.parametrize("granularity,axis", [("tensor", None), ("head", 1)])
+def test_inference_matches_torch_while_the_step_size_changes(granularity, axis):
+    """Under no_grad the clamped step size and its reciprocal are cached: every way a step size
+    changes (optimizer step, state-dict load) must reach the next call."""
+    qmin, qmax = quant_range(4, True)
+    x = torch.randn(3, 4, 5, 6)
+    n = 1 if axis is None else x.shape[axis]
+
+    def reference(q, inp):
+        s = q.scale.detach().clamp_min(q.eps).to(inp.dtype)
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(inp, s, _zeros(1), qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(inp, s, _zeros(n), axis, qmin, qmax)
+
+    q = _set_scale(LSQQuantizer(4, granularity=granularity, ch_axis=axis), torch.rand(n) * 0.2 + 0.01)
+    with torch.no_grad():
+        assert torch.equal(q(x), reference(q, x))
+        q.scale.mul_(1.7)  # what an optimizer step does to the parameter
+        assert torch.equal(q(x), reference(q, x))
+        _set_scale(q, torch.rand(n) * 0.2 + 0.01)
+        assert torch.equal(q(x), reference(q, x))
+        assert torch.equal(q(x[:, :, 0]), reference(q, x[:, :, 0]))  # another rank, another view
+        inferred = q(x)
+    assert torch.equal(inferred, q(x))  # the uncached path, as in training
+
+
 @pytest.mark.parametrize("bits", LOW_BITS)
 @pytest.mark.parametrize("signed", [True, False])
 def test_per_tensor_gradients_match_lsq_formula_and_torch(bits, signed):
