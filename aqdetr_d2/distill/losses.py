@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quant.fused import compiled_or_none
+
 _EPS = 1e-8
+# Maps at least this large take the compiled KL (below it a compiled call's overhead outweighs it).
+_MIN_NUMEL_COMPILED = 1 << 15
 
 
 def _masked_mean(values: Tensor, valid: Optional[Tensor]) -> Tensor:
@@ -23,19 +27,32 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1])
 
 
+def _kl_rows(s: Tensor, t: Tensor) -> Tensor:
+    return (t * torch.log((t + _EPS) / (s + _EPS))).sum(-1)
+
+
+# One pass over both maps instead of five: the elementwise ops and the row sum fused (and
+# Inductor's vectorised log, several times faster than the eager one on a CPU).
+_compiled_kl_rows = torch.compile(_kl_rows, dynamic=True)
+
+
 class _RowKL(torch.autograd.Function):
     """KL(t || s) = sum t * log((t + eps) / (s + eps)) over the last axis, differentiable in s only.
 
-    One log per element, not one for each side: on dense attention maps (the largest tensors of
-    a DETR training step) the logs are most of the cost. The gradient, -t / (s + eps), is the
-    one the two-log form had, op for op, and the loss value only differs in rounding; nothing
-    but the logged value reads it. No intermediates are kept: each would be a fresh allocation
-    of a map's size.
+    The value is computed by one compiled kernel where fusion is on (`quant/fused.py`'s rules),
+    else by eager ops with one log per element; either way it differs from the two-log form
+    sum t log(t + eps) - sum t log(s + eps) in rounding only, and nothing but the logged value
+    reads it. The gradient, -t / (s + eps), is the same eager ops as ever, so training is
+    bit-equal. No intermediates are kept: dense attention maps are the largest tensors of a
+    DETR training step, and each would be a fresh allocation.
     """
 
     @staticmethod
     def forward(ctx, s, t):
         ctx.save_for_backward(s, t)
+        rows = compiled_or_none(_compiled_kl_rows, s, _MIN_NUMEL_COMPILED, t)
+        if rows is not None:
+            return rows
         log_ratio = torch.add(t, _EPS)
         log_ratio.div_(torch.add(s, _EPS)).log_()
         return _row_dot(t, log_ratio)

@@ -97,6 +97,14 @@ def _compiled_call(compiled, *args):
         return None
 
 
+def compiled_or_none(compiled, x: Tensor, min_numel: int, *args):
+    """`compiled(x, *args)` when x is large enough and fusion is on for its device (the rules above),
+    else None: the caller then runs its eager ops. For other modules' fused elementwise kernels."""
+    if not _use_compiled(x, min_numel):
+        return None
+    return _compiled_call(compiled, x, *args)
+
+
 def _memory_order(x: Tensor) -> Tuple[int, ...]:
     """The permutation of x's dimensions that is contiguous in memory (identity when x is
     contiguous), so that results keep x's strides, as eager elementwise ops do: reductions of

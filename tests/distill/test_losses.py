@@ -75,3 +75,30 @@ def test_attention_kl_of_non_contiguous_maps():
     s_map, t_map = s_logits.softmax(-1).transpose(1, 2), t.transpose(1, 2)  # (B, H, L, S) views
     assert not s_map.is_contiguous()
     _check_against_mean_reference(attention_kl(s_map, t_map), s_logits, t)
+
+
+
+def test_compiled_kl_matches_the_eager_ops(monkeypatch):
+    """Where fusion is on, the KL's value comes from one compiled kernel: the same value up to
+    rounding, and the very same gradient (the backward is the eager ops either way)."""
+    from aqdetr_d2.distill import losses
+    from aqdetr_d2.quant import fused
+
+    calls = []
+    compiled = losses._compiled_kl_rows
+    monkeypatch.setattr(losses, "_compiled_kl_rows", lambda *a: calls.append(1) or compiled(*a))
+    monkeypatch.setattr(losses, "_MIN_NUMEL_COMPILED", 0)
+    s_logits, t = _maps((2, 3, 5, 7), 7).requires_grad_(), _maps((2, 3, 5, 7), 8).softmax(-1)
+
+    def kl_and_grad():
+        # Transposed views, as the maps of a batch-first attention come.
+        loss = attention_kl(s_logits.softmax(-1).transpose(2, 3), t.transpose(2, 3))
+        return loss, torch.autograd.grad(loss, s_logits)[0]
+
+    with fused.eager_ops():
+        eager, eager_grad = kl_and_grad()
+    assert not calls
+    value, grad = kl_and_grad()
+    assert calls  # the compiled kernel ran
+    assert torch.allclose(value, eager, rtol=1e-6)
+    assert torch.equal(grad, eager_grad)
