@@ -1,7 +1,8 @@
 """Training step and eval latency of the R50 models at the size users train, for benchmarks/run.py --r50.
 
 DETR-R50 and Deformable-DETR-R50 (configs/coco), random weights, batch 1, one synthetic 800x1333
-image with a few boxes: float, LSQ W4A4A4 and AQ-DETR W4A4A4 (auxiliary queries and teacher-forced
+image with a few boxes: float, LSQ W4A4A4 (also with the frozen stages' step sizes fixed,
+MODEL.QUANT.LEARN_FROZEN_STEP_SIZES False) and AQ-DETR W4A4A4 (auxiliary queries and teacher-forced
 distillation from the same random float weights). Rows have the keys of run.py's shapes rows.
 """
 import os
@@ -44,7 +45,7 @@ def _cfg(path, device, opts):
 
 
 def bench_r50(arch, device, repeats, workdir):
-    """Rows for `arch` (a key of R50_CONFIGS): float, LSQ W4A4A4, AQ-DETR."""
+    """Rows for `arch` (a key of R50_CONFIGS): float, LSQ W4A4A4 (twice, see above), AQ-DETR."""
     float_cfg, lsq_cfg, aq_cfg = R50_CONFIGS[arch]
     generator = torch.Generator().manual_seed(0)
     batch = [synthetic_input(device, generator)]
@@ -54,6 +55,10 @@ def bench_r50(arch, device, repeats, workdir):
     torch.save({"model": float_state}, teacher_weights)  # the distiller reads its teacher from a file
     image = [{k: v for k, v in batch[0].items() if k != "instances"}]
     variants = [("float", float_cfg, []), ("LSQ W4A4A4", lsq_cfg, []),
+                # The frozen stages (BACKBONE.FREEZE_AT) keep their calibrated step sizes, so the
+                # backward stops where the float model's does.
+                ("LSQ W4A4A4, frozen stages' step sizes fixed", lsq_cfg,
+                 ["MODEL.QUANT.LEARN_FROZEN_STEP_SIZES", "False"]),
                 ("W4A4A4 + aux queries + distillation", aq_cfg,
                  ["MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights,
                   "MODEL.DISTILL.TEACHER_CONFIG", os.path.join(ROOT, float_cfg)])]

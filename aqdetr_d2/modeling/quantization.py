@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 
 from torch import nn
 
-from ..quant import QuantConfig, quantize_model
+from ..quant import QuantConfig, QuantConv2d, QuantLinear, quantize_model
 
 PARTS = ("BACKBONE", "ENCODER", "DECODER", "HEADS")
 
@@ -74,6 +74,21 @@ def quant_config_from_cfg(cfg, model: nn.Module, layout: QuantLayout) -> Optiona
         attn_prob_init=q.ATTN_PROB_INIT)
 
 
+def fix_frozen_layer_step_sizes(model: nn.Module) -> nn.Module:
+    """Stop training the quantizers of layers whose weights are frozen (Detectron2's
+    `BACKBONE.FREEZE_AT` stages): their step sizes keep the calibrated values, and the backward
+    pass stops where it stops in the float model instead of running through those stages for
+    the step sizes' sake."""
+    for module in model.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)) and not module.weight.requires_grad:
+            module.weight_quantizer.requires_grad_(False)
+            module.input_quantizer.requires_grad_(False)
+    return model
+
+
 def maybe_quantize(cfg, model: nn.Module, layout: QuantLayout) -> nn.Module:
     qcfg = quant_config_from_cfg(cfg, model, layout)
-    return model if qcfg is None else quantize_model(model, qcfg)
+    if qcfg is None:
+        return model
+    model = quantize_model(model, qcfg)
+    return model if cfg.MODEL.QUANT.LEARN_FROZEN_STEP_SIZES else fix_frozen_layer_step_sizes(model)
