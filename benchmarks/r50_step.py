@@ -16,7 +16,7 @@ from aqdetr_d2.config import load_config
 from aqdetr_d2.distill import build_distiller
 from aqdetr_d2.engine import build_detr_optimizer
 from aqdetr_d2.quant import calibrate
-from timing import add_ratios, train_and_eval_times  # benchmarks/, beside this script
+from timing import Subject, add_ratios, train_and_eval_times  # benchmarks/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (800, 1333)
@@ -62,7 +62,7 @@ def bench_r50(arch, device, repeats, workdir):
                 ("W4A4A4 + aux queries + distillation", aq_cfg,
                  ["MODEL.DISTILL.TEACHER_WEIGHTS", teacher_weights,
                   "MODEL.DISTILL.TEACHER_CONFIG", os.path.join(ROOT, float_cfg)])]
-    rows = []
+    subjects = []
     for name, path, opts in variants:
         cfg = _cfg(path, device, opts)
         model = build_model(cfg)
@@ -71,7 +71,7 @@ def bench_r50(arch, device, repeats, workdir):
             calibrate(model.eval(), [image])
         if cfg.MODEL.DISTILL.ENABLED:
             model.distiller = build_distiller(cfg)
-        optimizer = build_detr_optimizer(cfg, model)
-        times = train_and_eval_times(model, optimizer, batch, image, device, repeats, repeats)
-        rows.append({"model": f"{arch} {name}", "config": path, "options": opts, "image": list(SIZE), **times})
-    return add_ratios(rows)
+        subjects.append(Subject(model, build_detr_optimizer(cfg, model), batch, image))
+    times = train_and_eval_times(subjects, device, repeats, repeats)
+    return add_ratios([{"model": f"{arch} {name}", "config": path, "options": opts, "image": list(SIZE), **t}
+                       for (name, path, opts), t in zip(variants, times)])

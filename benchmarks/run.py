@@ -14,6 +14,7 @@ Writes JSON and a markdown table next to it and prints the table. Compare figure
 within one run: the machines are shared, so absolute times drift but ratios hold.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
 from aqdetr_d2.quant import export_quantized, fused
 from onnx_runtime import bench_onnx, onnx_markdown  # benchmarks/, beside this script
 from r50_step import R50_CONFIGS, bench_r50
-from timing import add_ratios, timed, train_and_eval_times
+from timing import Subject, add_ratios, timed, train_and_eval_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Architecture -> (float, LSQ W4A4A4, AQ-DETR W4A4A4) configs.
@@ -71,17 +72,16 @@ def _build(cfg):
     return model
 
 
-def bench_model(name, path, device, repeats, opts=()):
+def _subject(path, device, opts=(), context=contextlib.nullcontext) -> Subject:
+    """The model of config `path` with its optimizer, a training batch and a one-image eval input."""
     cfg = _cfg(path, device, opts)
     mapper = DetrDatasetMapper(cfg, is_train=True)
     dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     batch = [mapper(d) for d in dicts[: cfg.SOLVER.IMS_PER_BATCH]]
     model = _build(cfg)
-    optimizer = build_detr_optimizer(cfg, model)
     test_mapper = DetrDatasetMapper(cfg, is_train=False)
     image = [test_mapper(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0])]
-    times = train_and_eval_times(model, optimizer, batch, image, device, repeats, repeats * 4)
-    return {"model": name, "config": path, "options": list(opts), **times}
+    return Subject(model, build_detr_optimizer(cfg, model), batch, image, context)
 
 
 def bench_deform_attn(device, quick):
@@ -118,10 +118,15 @@ def bench_architecture(arch, configs, device, repeats, workdir):
     torch.manual_seed(0)
     # Random float weights stand in for the teacher: speed and size do not depend on them.
     torch.save({"model": build_model(cfg).state_dict()}, teacher_weights)
-    rows = [bench_model(f"{arch} {name}", p, device, repeats, opts) for name, p, opts in _variants(configs, teacher_weights)]
-    with fused.eager_ops():  # what the fused quantizer kernels save, in the same run
-        rows.append(bench_model(f"{arch} LSQ W4A4A4, eager fake-quant ops", configs[1], device, repeats,
-                                ["MODEL.WEIGHTS", teacher_weights]))
+    variants = [(f"{arch} {name}", path, opts, contextlib.nullcontext)
+                for name, path, opts in _variants(configs, teacher_weights)]
+    # What the fused quantizer kernels save, in the same run.
+    variants.append((f"{arch} LSQ W4A4A4, eager fake-quant ops", configs[1], ["MODEL.WEIGHTS", teacher_weights],
+                     fused.eager_ops))
+    subjects = [_subject(path, device, opts, context) for _, path, opts, context in variants]
+    times = train_and_eval_times(subjects, device, repeats, repeats * 4)
+    rows = [{"model": name, "config": path, "options": list(opts), **t}
+            for (name, path, opts, _), t in zip(variants, times)]
     return add_ratios(rows), bench_export(configs[1], device, teacher_weights, workdir)
 
 
