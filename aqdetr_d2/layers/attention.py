@@ -74,8 +74,8 @@ class MultiheadAttention(nn.Module):
         q = self.q_quant(self._split_heads(self.q_proj(query) * self.scaling))
         k = self.k_quant(self._split_heads(self.k_proj(key)))
         v = self.v_quant(self._split_heads(self.v_proj(value)))
-        # The masks go in place: the product's backward does not read it, and the encoder's maps
-        # are the largest tensors of a step, whose fresh allocations cost more than the adds.
+        # The masks go in place: the product's backward does not read the scores, and the
+        # encoder's maps are the largest tensors of a step, whose fresh allocations cost more than the adds.
         scores = q @ k.transpose(-2, -1)  # (B, H, L, S)
         if attn_mask is not None:
             if attn_mask.dim() == 3:

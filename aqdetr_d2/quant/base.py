@@ -254,8 +254,10 @@ class QuantizerBase(nn.Module):
         return s
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+def _scaled(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
+            inv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     # Multiplying by the reciprocal, as PyTorch's fake-quantize kernels do, keeps rounding ties
-    # identical to torch.fake_quantize_per_*_affine.
-    inv_scale = 1.0 / scale
+    # identical to torch.fake_quantize_per_*_affine. `inv_scale`: 1 / scale, when the caller has it.
+    if inv_scale is None:
+        inv_scale = 1.0 / scale
     return x * inv_scale if offset is None else (x - offset) * inv_scale

@@ -160,8 +160,7 @@ def fake_quantize(x: Tensor, scale: Tensor, offset: Optional[Tensor], qmin: int,
         if out is not None:
             return layout.restore(out)
     # In place after the first op: one allocation, which matters on the many small tensors.
-    scaled = _scaled(x, scale, offset) if inv_scale is None else (x if offset is None else x - offset) * inv_scale
-    out = scaled.round_().clamp_(qmin, qmax).mul_(scale)
+    out = _scaled(x, scale, offset, inv_scale).round_().clamp_(qmin, qmax).mul_(scale)
     return out if offset is None else out.add_(offset)
 
 

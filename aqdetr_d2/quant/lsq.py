@@ -178,9 +178,10 @@ class LSQQuantizer(QuantizerBase):
         """The clamped step size viewed to x's rank, and its reciprocal: cached while the step size
         is unchanged (an optimizer step, a load or a device move changes its storage or version),
         which saves two of the six ops of a batch-1 inference call."""
-        key = (x.dim(), self.scale.data_ptr(), self.scale._version, self.scale.dtype, self.scale.device)
+        step = self.scale  # one Module attribute lookup: this runs on every inference call
+        key = (x.dim(), step.data_ptr(), step._version, step.dtype, step.device)
         if self._scale_cache is None or self._scale_cache[0] != key:
-            scale = self._view(self.scale, x).clamp_min(self.eps)
+            scale = self._view(step, x).clamp_min(self.eps)
             self._scale_cache = (key, scale, 1.0 / scale)
         return self._scale_cache[1:]
 
