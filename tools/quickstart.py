@@ -106,7 +106,8 @@ def main():
     parser.add_argument("--teacher-only", action="store_true", help="stop once the teacher is trained and checked")
     parser.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
                         help="also evaluate each fine-tune interpolated with the calibrated model it started from, "
-                             "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows")
+                             "(1 - ALPHA) start + ALPHA fine-tuned (tools/interpolate_weights.py), as extra rows "
+                             "(none for ALPHA 1, the fine-tune itself)")
     parser.add_argument("--interpolate-from", metavar="SWEEP_JSON",
                         help="as --interpolate, with the alpha tools/sweep.py --alphas picked for each variant")
     parser.add_argument("--configs", metavar="DIR", default=PICKED_CONFIGS,
@@ -218,13 +219,19 @@ def evaluate(args, key: str, name: str, run: str, config: str, opts) -> dict:
 
 def interpolation_alphas(args) -> dict:
     """variant -> alpha of its interpolated row: --interpolate for every variant, or the alpha
-    each variant's pick got in the --interpolate-from sweep (variants without one get no row)."""
+    each variant's pick got in the --interpolate-from sweep (variants without one get no row).
+    Alpha 1 gives no row either: it is the fine-tune itself, whose row is already there."""
     if args.interpolate_from:
         with open(args.interpolate_from) as f:
             picked = json.load(f)["picked"]
-        return {key: picked[key]["interpolation"]["alpha"] for key in args.variants
-                if (picked.get(key) or {}).get("interpolation")}
-    return {} if args.interpolate is None else dict.fromkeys(args.variants, args.interpolate)
+        alphas = {key: picked[key]["interpolation"]["alpha"] for key in args.variants
+                  if (picked.get(key) or {}).get("interpolation")}
+    else:
+        alphas = {} if args.interpolate is None else dict.fromkeys(args.variants, args.interpolate)
+    itself = [key for key, alpha in alphas.items() if alpha == 1]
+    if itself:
+        stage(f"interpolation at alpha 1 is the fine-tune itself: no interpolated row for {', '.join(itself)}")
+    return {key: alpha for key, alpha in alphas.items() if alpha != 1}
 
 
 def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retrained: set, alpha=None):

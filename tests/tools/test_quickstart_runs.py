@@ -173,11 +173,14 @@ def test_interpolate_from_a_sweep_uses_each_variants_picked_alpha(quickstart, tm
     sweep_json = tmp_path / "sweep.json"
     sweep_json.write_text(json.dumps({"picked": {"lsq": {"trial": "lsq_1", "interpolation": {"alpha": 0.75}},
                                                  "aq": {"trial": "aq_1", "interpolation": {"alpha": 0.5}},
-                                                 "aux": {"trial": "aux_1"}}}))
+                                                 "aux": {"trial": "aux_1"},
+                                                 "fp": {"trial": "fp_1", "interpolation": {"alpha": 1.0}}}}))
     monkeypatch.setattr("sys.argv", ["quickstart.py", "--iters", "20", "--variants", "fp", "lsq", "aq",
                                      "--interpolate-from", str(sweep_json), "--output", str(tmp_path / "out")])
     quickstart.main()
+    # The control's alpha 1 is the fine-tune itself: neither interpolated nor evaluated again.
     assert sorted(alphas) == [("aq_seed1", "0.5"), ("lsq_seed1", "0.75")]
+    assert "interpolated_1" not in calls
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["key"] for r in rows[3:]] == ["fp", "lsq", "lsq+interp", "aq", "aq+interp"]
     assert rows[7]["name"] == ablation_table.interpolated_name(quickstart.VARIANTS["aq"][0], 0.5)
