@@ -8,10 +8,13 @@ A table is the text between a marker naming its source and `<!-- /results-table 
 
     <!-- results-table: rows docs/experiments/detr_w2a2/results.json -->
     <!-- results-table: grid docs/experiments/detr_w4a4/results.json docs/experiments/detr_w3a3/results.json -->
+    <!-- results-table: pairs docs/experiments/detr_w2a2/results.json aq:aux aq:distill -->
     <!-- results-table: zoo docs/models -->
 
 "rows" shows one results file (every row, mean ± std over seeds, each seed, and the paired
-claim against LSQ); "grid" puts several side by side, one column per precision; "zoo" lists
+claim against LSQ); "pairs" compares rows of one file other than against LSQ ("row:baseline"
+keys: the per-seed differences and the paired claim); "grid" puts several side by side, one
+column per precision; "zoo" lists
 every model-zoo entry of a folder (its <name>/metrics.json, from tools/zoo_entry.py). Paths are
 relative to the repository root. Tables are never typed by hand.
 """
@@ -22,10 +25,10 @@ import os
 import re
 import sys
 
-from aqdetr_d2.utils.results import grid_table, load_results, rows_table, zoo_table
+from aqdetr_d2.utils.results import grid_table, load_results, pairs_table, rows_table, zoo_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARKER = re.compile(r"(<!-- results-table: (rows|grid|zoo) ([^>]+?) -->\n)(.*?)(<!-- /results-table -->)", re.S)
+MARKER = re.compile(r"(<!-- results-table: (rows|pairs|grid|zoo) ([^>]+?) -->\n)(.*?)(<!-- /results-table -->)", re.S)
 # How each kind of table is made from its results files.
 TABLES = {"rows": lambda results: rows_table(results[0]), "grid": grid_table}
 
@@ -50,6 +53,8 @@ def render(text: str, root: str = ROOT) -> str:
         kind, paths = match.group(2), match.group(3).split()
         if kind == "zoo":
             return match.group(1) + zoo_table(zoo_entries(os.path.join(root, paths[0]))) + "\n" + match.group(5)
+        if kind == "pairs":
+            return match.group(1) + pairs_table(load_results(os.path.join(root, paths[0])), paths[1:]) + "\n" + match.group(5)
         if kind == "rows" and len(paths) != 1:
             raise ValueError(f"a rows table names one results file, got {paths}")
         results = [load_results(os.path.join(root, p)) for p in paths]

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from aqdetr_d2.utils.results import grid_table, load_results, paired_claim, rows_table
+from aqdetr_d2.utils.results import grid_table, load_results, paired_claim, pairs_table, rows_table
 from train_net_helpers import load_script
 
 
@@ -48,6 +48,18 @@ def test_rows_table_shows_mean_std_each_seed_and_the_claim():
     assert lines[4].endswith("| gain |")
 
 
+def test_pairs_table_compares_any_two_rows_by_the_pairing_rule():
+    results = _results("w4a4", [_row("aux", [54.8, 53.7, 52.9], name="aux"), _row("aq", [53.2, 53.6, 53.4], name="aq"),
+                                _row("lsq", [50.0, 51.0, 50.0], name="lsq")])
+    lines = pairs_table(results, ["aq:aux", "aq:lsq"]).splitlines()
+    diffs = np.array([53.2, 53.6, 53.4]) - np.array([54.8, 53.7, 52.9])
+    assert lines[2] == (f"| aq vs aux | -1.6 / -0.1 / +0.5 | {diffs.mean():+.1f} ± {diffs.std(ddof=1):.1f} | "
+                        "within noise |")
+    assert lines[3].startswith("| aq vs lsq | +3.2 / +2.6 / +3.4 |") and lines[3].endswith("| gain |")
+    with pytest.raises(KeyError, match="no row 'distill'"):
+        pairs_table(results, ["aq:distill"])
+
+
 def test_grid_puts_precisions_side_by_side():
     table = grid_table([_results("w4a4", [_row("lsq", [50.0, 52.0]), _row("aq", [49.0])]),
                         _results("w2a2", [_row("lsq", [20.0, 22.0]), _row("aq+interp", [30.0, 30.0])])])
@@ -67,13 +79,17 @@ def test_rows_without_a_key_are_refused(tmp_path):
 def test_tool_rewrites_and_checks_marked_tables(project_root, tmp_path, capsys):
     tool = load_script(os.path.join(project_root, "tools", "results_tables.py"), "results_tables_tool")
     (tmp_path / "docs" / "exp").mkdir(parents=True)
-    (tmp_path / "docs" / "exp" / "results.json").write_text(json.dumps(_results("w4a4", [_row("lsq", [50.0, 51.0])])))
+    (tmp_path / "docs" / "exp" / "results.json").write_text(
+        json.dumps(_results("w4a4", [_row("lsq", [50.0, 51.0]), _row("aq", [50.5, 52.0])])))
     marker = "<!-- results-table: rows docs/exp/results.json -->\n"
+    pairs = "<!-- results-table: pairs docs/exp/results.json aq:lsq -->\n"
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{marker}| typed by hand |\n<!-- /results-table -->\n\ntext\n")
+    readme.write_text(f"# title\n\n{marker}| typed by hand |\n<!-- /results-table -->\n\n"
+                      f"{pairs}| typed |\n<!-- /results-table -->\n\ntext\n")
     assert tool.main(["--check"], root=str(tmp_path)) == 1
     assert "README.md" in capsys.readouterr().out
     assert tool.main([], root=str(tmp_path)) == 0
     text = readme.read_text()
     assert "typed by hand" not in text and "| lsq | `lsq` | 50.5 ± 0.7 |" in text and text.endswith("\n\ntext\n")
+    assert "| aq vs lsq | +0.5 / +1.0 | +0.8 ± 0.4 | gain |" in text  # both above, mean 0.75 > 2 x 0.35
     assert tool.main(["--check"], root=str(tmp_path)) == 0
