@@ -6,14 +6,15 @@
 
 A table is the text between a marker naming its source and `<!-- /results-table -->`:
 
-    <!-- results-table: rows docs/experiments/detr_w2a2/results.json -->
-    <!-- results-table: grid docs/experiments/detr_w4a4/results.json docs/experiments/detr_w3a3/results.json -->
-    <!-- results-table: pairs docs/experiments/detr_w2a2/results.json aq:aux aq:distill -->
+    <!-- results-table: rows docs/experiments/detr_grid_w4a4/results.json -->
+    <!-- results-table: grid docs/experiments/detr_grid_w4a4/results.json docs/experiments/detr_grid_w3a3/results.json -->
+    <!-- results-table: pairs docs/experiments/detr_grid_w4a4/results.json aq:aux aq:distill aux:lsq:AP50 -->
     <!-- results-table: zoo docs/models -->
 
 "rows" shows one results file (every row, mean ± std over seeds, each seed, and the paired
 claim against LSQ); "pairs" compares rows of one file other than against LSQ ("row:baseline"
-keys: the per-seed differences and the paired claim); "grid" puts several side by side, one
+keys, or "row:baseline:METRIC" for another metric than AP: the per-seed differences and the paired
+claim); "grid" puts several side by side, one
 column per precision; "zoo" lists
 every model-zoo entry of a folder (its <name>/metrics.json, from tools/zoo_entry.py). Paths are
 relative to the repository root. Tables are never typed by hand.

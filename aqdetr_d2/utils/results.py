@@ -100,20 +100,21 @@ def rows_table(results: dict, baseline_key: str = "lsq") -> str:
 
 
 def pairs_table(results: dict, pairs: Sequence[str]) -> str:
-    """Paired comparisons of one results file, each "row_key:baseline_key" (e.g. "aq:aux"): the
-    per-seed AP differences over the seeds both rows have, their mean ± std, and `paired_claim`."""
+    """Paired comparisons of one results file, each "row_key:baseline_key" (e.g. "aq:aux") or
+    "row_key:baseline_key:METRIC" (default AP): the per-seed differences over the seeds both rows
+    have, their mean ± std, and `paired_claim`."""
     rows = {row["key"]: row for row in results["rows"]}
-    lines = ["| comparison | AP difference per seed | mean ± std | claim |", "|---|---|---|---|"]
+    lines = ["| comparison | metric | difference per seed | mean ± std | claim |", "|---|---|---|---|---|"]
     for pair in pairs:
-        key, _, base = pair.partition(":")
+        key, base, metric = (pair.split(":") + ["AP"])[:3]
         if key not in rows or base not in rows:
             raise KeyError(f"pair {pair!r}: the results have no row {key if key not in rows else base!r}")
-        a, b = seed_values(rows[key]), seed_values(rows[base])
+        a, b = seed_values(rows[key], metric), seed_values(rows[base], metric)
         diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
         mean, std = mean_std(diffs) if diffs else (float("nan"), 0.0)
-        lines.append(f"| {rows[key]['name']} vs {rows[base]['name']} | "
+        lines.append(f"| {rows[key]['name']} vs {rows[base]['name']} | {metric} | "
                      f"{' / '.join(f'{d:+.1f}' for d in diffs) or '-'} | {mean:+.1f} ± {std:.1f} | "
-                     f"{paired_claim(rows[key], rows[base])} |")
+                     f"{paired_claim(rows[key], rows[base], metric)} |")
     return "\n".join(lines)
 
 

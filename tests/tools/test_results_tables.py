@@ -51,11 +51,12 @@ def test_rows_table_shows_mean_std_each_seed_and_the_claim():
 def test_pairs_table_compares_any_two_rows_by_the_pairing_rule():
     results = _results("w4a4", [_row("aux", [54.8, 53.7, 52.9], name="aux"), _row("aq", [53.2, 53.6, 53.4], name="aq"),
                                 _row("lsq", [50.0, 51.0, 50.0], name="lsq")])
-    lines = pairs_table(results, ["aq:aux", "aq:lsq"]).splitlines()
+    lines = pairs_table(results, ["aq:aux", "aq:lsq", "aux:aq:AP50"]).splitlines()
     diffs = np.array([53.2, 53.6, 53.4]) - np.array([54.8, 53.7, 52.9])
-    assert lines[2] == (f"| aq vs aux | -1.6 / -0.1 / +0.5 | {diffs.mean():+.1f} ± {diffs.std(ddof=1):.1f} | "
+    assert lines[2] == (f"| aq vs aux | AP | -1.6 / -0.1 / +0.5 | {diffs.mean():+.1f} ± {diffs.std(ddof=1):.1f} | "
                         "within noise |")
-    assert lines[3].startswith("| aq vs lsq | +3.2 / +2.6 / +3.4 |") and lines[3].endswith("| gain |")
+    assert lines[3].startswith("| aq vs lsq | AP | +3.2 / +2.6 / +3.4 |") and lines[3].endswith("| gain |")
+    assert lines[4].startswith("| aux vs aq | AP50 | +1.6 / +0.1 / -0.5 |")  # _row: AP50 = AP + 30
     with pytest.raises(KeyError, match="no row 'distill'"):
         pairs_table(results, ["aq:distill"])
 
@@ -91,5 +92,5 @@ def test_tool_rewrites_and_checks_marked_tables(project_root, tmp_path, capsys):
     assert tool.main([], root=str(tmp_path)) == 0
     text = readme.read_text()
     assert "typed by hand" not in text and "| lsq | `lsq` | 50.5 ± 0.7 |" in text and text.endswith("\n\ntext\n")
-    assert "| aq vs lsq | +0.5 / +1.0 | +0.8 ± 0.4 | gain |" in text  # both above, mean 0.75 > 2 x 0.35
+    assert "| aq vs lsq | AP | +0.5 / +1.0 | +0.8 ± 0.4 | gain |" in text  # both above, mean 0.75 > 2 x 0.35
     assert tool.main(["--check"], root=str(tmp_path)) == 0
