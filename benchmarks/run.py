@@ -34,8 +34,8 @@ from aqdetr_d2.engine import build_detr_optimizer, initialize_quantizers
 from aqdetr_d2.layers.ms_deform_attn import ms_deform_attn
 from aqdetr_d2.layers.ms_deform_attn_reference import ms_deform_attn_reference
 from aqdetr_d2.quant import export_quantized, fused
-from onnx_runtime import bench_onnx, onnx_markdown  # benchmarks/, beside this script
-from goals import goals_markdown
+from goals import goals_markdown  # benchmarks/, beside this script
+from onnx_runtime import bench_onnx, onnx_markdown
 from r50_step import R50_CONFIGS, bench_r50
 from timing import Subject, add_ratios, timed, train_and_eval_times
 

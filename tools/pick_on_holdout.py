@@ -16,9 +16,7 @@ import json
 import os
 import sys
 
-from aqdetr_d2.experiments.runs import logged_evaluation, run_logged, stage, train_net_command
-
-HOLDOUT = ["DATASETS.TEST", "('shapes_holdout',)"]
+from aqdetr_d2.experiments.runs import HOLDOUT, evaluated_metrics, logged_evaluation, stage, train_net
 
 
 def holdout_metrics(run_dir: str) -> dict:
@@ -30,8 +28,8 @@ def holdout_metrics(run_dir: str) -> dict:
     eval_dir, opts = os.path.join(run_dir, "holdout"), ["--eval-only", "MODEL.WEIGHTS", weights, *HOLDOUT]
     metrics = logged_evaluation(config, eval_dir, opts, eval_dir + ".log")
     if metrics is None:
-        run_logged(train_net_command(config, eval_dir, opts), eval_dir + ".log", f"evaluation of {run_dir} failed")
-        metrics = logged_evaluation(config, eval_dir, opts, eval_dir + ".log")
+        train_net(config, eval_dir, opts, eval_dir + ".log")
+        metrics = evaluated_metrics(eval_dir + ".log")
     stage(f"{run_dir}: holdout AP {metrics['AP']:.2f}")
     return metrics
 

@@ -45,13 +45,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, last_value,
+from aqdetr_d2.experiments.runs import (HOLDOUT, ROOT, evaluated_metrics, final_metrics, finished, last_value,
                                         logged_evaluation, record_minutes, recorded_minutes, run_logged, share_cores,
                                         stage, train_net)
 from aqdetr_d2.experiments.shapes_ablation import (ARCHS, PRECISIONS, VARIANTS, fine_tune_opts, slowest_first,
                                                    variant_opts)
 
-HOLDOUT = ["DATASETS.TEST", "('shapes_holdout',)"]
 INTERPOLATE = os.path.join(ROOT, "tools", "interpolate_weights.py")
 
 

@@ -11,6 +11,8 @@ from ..utils.numerics import NUMERICS_TAG
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(ROOT, "projects", "AQDETR", "train_net.py")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# train_net options that evaluate on the split every choice is made on (shapes_val is evaluated once).
+HOLDOUT = ["DATASETS.TEST", "('shapes_holdout',)"]
 # Written into each fine-tune's folder: the minutes its last train_net call took.
 MINUTES_FILE = "quickstart_minutes.json"
 # glibc hands every freed block over 32 MB back to the OS, so each new attention-map-sized tensor

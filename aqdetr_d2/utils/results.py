@@ -50,14 +50,19 @@ def mean_std(values: Sequence[float]):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_differences(row: dict, baseline: dict, metric: str = "AP") -> List[float]:
+    """`row` minus `baseline` per seed, over the seeds both have, in seed order."""
+    a, b = seed_values(row, metric), seed_values(baseline, metric)
+    return [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+
+
 def paired_claim(row: dict, baseline: dict, metric: str = "AP") -> str:
     """"gain", "loss" or "within noise" for `row` against `baseline`, over the seeds both have.
 
     A difference counts only when every paired per-seed difference has the same sign and their
     mean exceeds twice their standard deviation; fewer than two shared seeds never count.
     """
-    a, b = seed_values(row, metric), seed_values(baseline, metric)
-    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    diffs = paired_differences(row, baseline, metric)
     if len(diffs) < 2:
         return "within noise"
     mean, std = mean_std(diffs)
@@ -109,8 +114,7 @@ def pairs_table(results: dict, pairs: Sequence[str]) -> str:
         key, base, metric = (pair.split(":") + ["AP"])[:3]
         if key not in rows or base not in rows:
             raise KeyError(f"pair {pair!r}: the results have no row {key if key not in rows else base!r}")
-        a, b = seed_values(rows[key], metric), seed_values(rows[base], metric)
-        diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+        diffs = paired_differences(rows[key], rows[base], metric)
         mean, std = mean_std(diffs) if diffs else (float("nan"), 0.0)
         lines.append(f"| {rows[key]['name']} vs {rows[base]['name']} | {metric} | "
                      f"{' / '.join(f'{d:+.1f}' for d in diffs) or '-'} | {mean:+.1f} ± {std:.1f} | "

@@ -1,17 +1,15 @@
 """benchmarks/goals.py: issue 27's speed goals read from a results file."""
-import importlib.util
 import json
 import os
+
+from train_net_helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _goals_module():
-    # benchmarks/ is a folder of scripts, not a package: load the module from its file.
-    spec = importlib.util.spec_from_file_location("goals", os.path.join(ROOT, "benchmarks", "goals.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # benchmarks/ is a folder of scripts, not a package.
+    return load_script(os.path.join(ROOT, "benchmarks", "goals.py"), "goals")
 
 
 def _results(device, rows):

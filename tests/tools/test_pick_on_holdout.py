@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from aqdetr_d2.experiments.runs import log_header, train_net_command
+from aqdetr_d2.experiments.runs import HOLDOUT, log_header, train_net_command
 from train_net_helpers import load_script
 
 
@@ -19,7 +19,7 @@ def _evaluated_run(pick, folder, ap):
     for name in ("config.yaml", "model_final.pth"):
         (folder / name).write_text(name)
     run_dir = str(folder)
-    opts = ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), *pick.HOLDOUT]
+    opts = ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), *HOLDOUT]
     command = train_net_command(os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "holdout"), opts)
     (folder / "holdout.log").write_text(
         log_header(command) + "d2.evaluation.testing INFO: copypaste: AP,AP50,AP75,APs,APm,APl\n"
@@ -29,7 +29,7 @@ def _evaluated_run(pick, folder, ap):
 def test_picks_the_highest_holdout_ap_without_evaluating_again(pick, tmp_path, monkeypatch):
     for name, ap in (("lsq_seed1", 52.5), ("aq_seed1", 53.75), ("aux_seed1", 53.5)):
         _evaluated_run(pick, tmp_path / name, ap)
-    monkeypatch.setattr(pick, "run_logged", lambda *a: pytest.fail("evaluated a run whose log holds its metrics"))
+    monkeypatch.setattr(pick, "train_net", lambda *a: pytest.fail("evaluated a run whose log holds its metrics"))
     out = tmp_path / "pick.json"
     pick.main([str(tmp_path / n) for n in ("lsq_seed1", "aq_seed1", "aux_seed1")] + ["--output", str(out)])
     written = json.loads(out.read_text())
