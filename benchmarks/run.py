@@ -171,6 +171,8 @@ def main():
     parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite JSON's markdown (.md beside it)")
     args = parser.parse_args()
     if args.render:
+        if not os.path.isfile(args.render):
+            sys.exit(f"--render {args.render}: no such results file; write one with benchmarks/run.py --output")
         with open(args.render) as f:
             write_markdown(json.load(f), args.render)
         return
