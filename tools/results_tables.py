@@ -10,12 +10,14 @@ A table is the text between a marker naming its source and `<!-- /results-table 
     <!-- results-table: grid docs/experiments/detr_grid_w4a4/results.json docs/experiments/detr_grid_w3a3/results.json -->
     <!-- results-table: pairs docs/experiments/detr_grid_w4a4/results.json aq:aux aq:distill aux:lsq:AP50 -->
     <!-- results-table: zoo docs/models -->
+    <!-- results-table: rerun docs/experiments/detr_quickstart_check/results.json docs/experiments/detr_grid_w4a4/results.json -->
 
 "rows" shows one results file (every row, mean ± std over seeds, each seed, and the paired
 claim against LSQ); "pairs" compares rows of one file other than against LSQ ("row:baseline"
 keys, or "row:baseline:METRIC" for another metric than AP: the per-seed differences and the paired
 claim); "grid" puts several side by side, one
-column per precision; "zoo" lists
+column per precision; "rerun" sets a rerun (the quickstart's seed 1) beside the rows of the
+results it should reproduce, AP / AP50 / AP75 each, within 0.5 AP or not; "zoo" lists
 every model-zoo entry of a folder (its <name>/metrics.json, from tools/zoo_entry.py). Paths are
 relative to the repository root. Tables are never typed by hand.
 """
@@ -26,12 +28,16 @@ import os
 import re
 import sys
 
-from aqdetr_d2.utils.results import grid_table, load_results, pairs_table, rows_table, zoo_table
+from aqdetr_d2.utils.results import (grid_table, load_results, pairs_table, rerun_table, rows_table,
+                                   zoo_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARKER = re.compile(r"(<!-- results-table: (rows|pairs|grid|zoo) ([^>]+?) -->\n)(.*?)(<!-- /results-table -->)", re.S)
+MARKER = re.compile(r"(<!-- results-table: (rows|pairs|grid|rerun|zoo) ([^>]+?) -->\n)(.*?)(<!-- /results-table -->)", re.S)
 # How each kind of table is made from its results files.
-TABLES = {"rows": lambda results: rows_table(results[0]), "grid": grid_table}
+TABLES = {"rows": lambda results: rows_table(results[0]), "grid": grid_table,
+          "rerun": lambda results: rerun_table(*results)}
+# How many results files a kind takes (None: any number).
+FILES = {"rows": 1, "rerun": 2, "grid": None}
 
 
 def zoo_entries(folder: str):
@@ -56,8 +62,8 @@ def render(text: str, root: str = ROOT) -> str:
             return match.group(1) + zoo_table(zoo_entries(os.path.join(root, paths[0]))) + "\n" + match.group(5)
         if kind == "pairs":
             return match.group(1) + pairs_table(load_results(os.path.join(root, paths[0])), paths[1:]) + "\n" + match.group(5)
-        if kind == "rows" and len(paths) != 1:
-            raise ValueError(f"a rows table names one results file, got {paths}")
+        if FILES[kind] is not None and len(paths) != FILES[kind]:
+            raise ValueError(f"a {kind} table names {FILES[kind]} results file(s), got {paths}")
         results = [load_results(os.path.join(root, p)) for p in paths]
         return match.group(1) + TABLES[kind](results) + "\n" + match.group(5)
 

@@ -136,6 +136,30 @@ def grid_table(results_list: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def rerun_table(rerun: dict, reference: dict, tolerance: float = 0.5) -> str:
+    """A rerun (e.g. the quickstart on seed 1) against the results it should reproduce: per row of
+    `rerun`, AP / AP50 / AP75 beside the reference row with the same key (the same seed's values
+    for a trained row), the largest absolute difference, and whether it is within `tolerance`."""
+    reference_rows = {row["key"]: row for row in reference["rows"]}
+    lines = ["| run | key | seed | AP | AP50 | AP75 | largest difference | within " + f"{tolerance:g} AP |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rerun["rows"]:
+        if row["key"] not in reference_rows:
+            raise KeyError(f"the reference results have no row {row['key']!r}")
+        ref_row = reference_rows[row["key"]]
+        for run in row.get("seeds") or [row]:
+            seed = run.get("seed")
+            ref = ref_row if seed is None else next((s for s in ref_row.get("seeds", []) if s["seed"] == seed), None)
+            if ref is None:
+                raise KeyError(f"the reference row {row['key']!r} has no seed {seed}")
+            metrics = ("AP", "AP50", "AP75")
+            cells = [f"{run[m]:.2f} / {ref[m]:.2f}" for m in metrics]
+            largest = max(abs(run[m] - ref[m]) for m in metrics)
+            lines.append(f"| {row['name']} | `{row['key']}` | {'-' if seed is None else seed} | " + " | ".join(cells)
+                         + f" | {largest:.2f} | {'yes' if largest <= tolerance else 'no'} |")
+    return "\n".join(lines)
+
+
 def zoo_table(entries: List[dict]) -> str:
     """Markdown table of model-zoo entries (docs/models/<name>/metrics.json of tools/zoo_entry.py)."""
     lines = ["| model | arch | precision | AP | AP50 | AP75 | ORT AP | file MB | ORT latency vs float | weights |",

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from aqdetr_d2.utils.results import grid_table, load_results, paired_claim, pairs_table, rows_table
+from aqdetr_d2.utils.results import (grid_table, load_results, paired_claim, pairs_table, rerun_table,
+                                   rows_table)
 from train_net_helpers import load_script
 
 
@@ -59,6 +60,19 @@ def test_pairs_table_compares_any_two_rows_by_the_pairing_rule():
     assert lines[4].startswith("| aux vs aq | AP50 | +1.6 / +0.1 / -0.5 |")  # _row: AP50 = AP + 30
     with pytest.raises(KeyError, match="no row 'distill'"):
         pairs_table(results, ["aq:distill"])
+
+
+def test_rerun_table_sets_each_row_beside_the_same_seed_of_the_reference():
+    teacher = {"name": "teacher", "key": "teacher", "AP": 57.6, "AP50": 96.5, "AP75": 69.2}
+    reference = _results("w4a4", [teacher, _row("lsq", [50.0, 51.0, 50.0], name="lsq")])
+    rerun = _results("w4a4", [dict(teacher), _row("lsq", [50.7], name="lsq")])
+    lines = rerun_table(rerun, reference).splitlines()
+    assert lines[2] == "| teacher | `teacher` | - | 57.60 / 57.60 | 96.50 / 96.50 | 69.20 / 69.20 | 0.00 | yes |"
+    # seed 1 against the reference's seed 1 (50.0), not its mean (50.3): 0.7 apart, beyond 0.5
+    assert lines[3] == "| lsq | `lsq` | 1 | 50.70 / 50.00 | 80.70 / 80.00 | 55.70 / 55.00 | 0.70 | no |"
+    with pytest.raises(KeyError, match="no seed 4"):
+        rerun_table(_results("w4a4", [{**_row("lsq", [50.0]), "seeds": [{"seed": 4, "AP": 1, "AP50": 1, "AP75": 1}]}]),
+                    reference)
 
 
 def test_grid_puts_precisions_side_by_side():
