@@ -16,7 +16,8 @@
    `results.md` (mean over seeds, each seed's AP), `results.json` and `ablation.png` written
    to `--output`, the table printed.
 
-Every stage is a `projects/AQDETR/train_net.py` run (Detectron2's ETA lines show progress).
+Every stage is a `projects/AQDETR/train_net.py` run (Detectron2's ETA lines show its progress); the
+progress lines (a run started, its speed known, a run done) end with the whole run's ETA.
 """
 import argparse
 import json
@@ -31,6 +32,7 @@ from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, 
                                         record_minutes, run_logged, run_numerics, share_cores, stage, train_net)
 from aqdetr_d2.experiments.ablation_table import (interpolated_name, mean_over_seeds, previous_minutes,
                                                    with_previous_rows, write_results)
+from aqdetr_d2.experiments.progress import RunPlan
 from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
                                                    TEACHER_CURVE_OPTS, VARIANTS, checkpoint_opts, fine_tune_opts,
                                                    slowest_first, teacher_schedule, variant_opts)
@@ -177,10 +179,15 @@ def main():
     retrained, alphas = set(), interpolation_alphas(args)
     # The slowest variants first, the short evaluations last, so that parallel jobs end together.
     order = sorted(((key, seed) for key in args.variants for seed in args.seeds), key=lambda t: slowest_first(t[0]))
+    plan = RunPlan(args.jobs)  # the ETA on each progress line, in the pool's order
+    for key, seed in order:
+        plan.add(os.path.join(args.output, f"{key}_seed{seed}"), key, settings[key][2])
+    for spec in evaluations:
+        plan.add(os.path.join(args.output, spec[2]), "evaluation", 0)
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each run is a train_net process
         fine_tunes = [pool.submit(fine_tune, args, key, seed, f"{i + 1} of {len(order)}", settings[key],
-                                  retrained, alphas.get(key)) for i, (key, seed) in enumerate(order)]
-        rows = [pool.submit(evaluate, args, *spec) for spec in evaluations]
+                                  retrained, plan, alphas.get(key)) for i, (key, seed) in enumerate(order)]
+        rows = [pool.submit(evaluate, args, plan, *spec) for spec in evaluations]
         finished_runs = {t: f.result() for t, f in zip(order, fine_tunes)}
         rows = [f.result() for f in rows]
     for key in args.variants:
@@ -200,19 +207,22 @@ def main():
     write_results(args, rows)
 
 
-def evaluate(args, key: str, name: str, run: str, config: str, opts) -> dict:
+def evaluate(args, plan: RunPlan, key: str, name: str, run: str, config: str, opts) -> dict:
     """The row of an untrained model (`opts` with --eval-only), or its evaluation kept by --resume."""
     run_dir = os.path.join(args.output, run)
     eval_opts = ["--eval-only", *opts, *args.opts]
     metrics = logged_evaluation(config, run_dir, eval_opts, run_dir + ".log") if args.resume else None
     if metrics:
+        plan.finish(run_dir)
         stage(f"{name}: kept the evaluation in {run_dir}.log")
     else:
-        stage(f"{name}: evaluating")
+        plan.start(run_dir)
+        stage(f"{name}: evaluating{plan.eta_text()}")
         train_net(config, run_dir, eval_opts, run_dir + ".log")
         metrics = evaluated_metrics(run_dir + ".log")
+        plan.finish(run_dir)
     size_mb, gops = size_and_ops(config, opts + args.opts)
-    stage(f"{name}: AP {metrics['AP']:.1f}")
+    stage(f"{name}: AP {metrics['AP']:.1f}{plan.eta_text()}")
     return {"name": name, "key": key, **metrics, "size_mb": size_mb, "gops": gops, "train_minutes": 0.0,
             "output_dir": run_dir, "numerics": run_numerics(run_dir)}
 
@@ -234,28 +244,38 @@ def interpolation_alphas(args) -> dict:
     return {key: alpha for key, alpha in alphas.items() if alpha != 1}
 
 
-def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retrained: set, alpha=None):
+def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retrained: set, plan: RunPlan,
+              alpha=None):
     """One fine-tune of variant `key` with one seed, on `setting` (`variant_run`'s config, options
     and iterations), or the finished run kept by --resume (its folder is added to `retrained` when
-    it is trained here). Returns the run (final metrics, seed, minutes, folder) and, given `alpha`,
-    the run interpolated with its start (else None)."""
+    it is trained here); `plan` follows its progress. Returns the run (final metrics, seed,
+    minutes, folder) and, given `alpha`, the run interpolated with its start (else None)."""
     name, quantized = VARIANTS[key][:2]
     config, opts, iters = setting
     run_dir = os.path.join(args.output, f"{key}_seed{seed}")
     if args.resume and finished(run_dir, iters):
+        plan.finish(run_dir)
         stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")
         minutes = previous_minutes(args.output, run_dir)
     else:
-        stage(f"{name}, seed {seed} (fine-tune {progress}): "
-              f"{iters} iterations of {PRECISIONS[args.precision] if quantized else 'full precision'} from the teacher")
+        plan.start(run_dir)
+        stage(f"{name}, seed {seed} (fine-tune {progress}): {iters} iterations of "
+              f"{PRECISIONS[args.precision] if quantized else 'full precision'} from the teacher{plan.eta_text()}")
         resume = ["--resume"] if args.resume else []
-        minutes = train_net(config, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log") / 60
+
+        def follow(line):  # one progress line once the run's speed is known
+            per_iter = plan.observe(run_dir, line)
+            if per_iter is not None:
+                stage(f"{name}, seed {seed}: {per_iter:.2f} s / iteration{plan.eta_text()}")
+
+        minutes = train_net(config, run_dir, [*resume, *opts, "SEED", str(seed)], run_dir + ".log", on_line=follow) / 60
+        plan.finish(run_dir)
         retrained.add(run_dir)
     if not math.isnan(minutes):  # also back-fills runs whose time only results.json held
         record_minutes(run_dir, minutes)
     run = {**final_metrics(run_dir), "seed": seed, "train_minutes": minutes, "output_dir": run_dir,
            "numerics": run_numerics(run_dir)}
-    stage(f"{name}, seed {seed}: AP {run['AP']:.1f}")
+    stage(f"{name}, seed {seed}: AP {run['AP']:.1f}{plan.eta_text()}")
     if alpha is None:
         return run, None
     metrics = interpolated_metrics(config, run_dir, [*opts, "SEED", str(seed)], alpha, run_dir not in retrained)

@@ -46,15 +46,15 @@ def log_header(cmd) -> str:
     return "$ " + " ".join(cmd) + "\n"
 
 
-def train_net(config: str, output_dir: str, opts, log_path: str) -> float:
+def train_net(config: str, output_dir: str, opts, log_path: str, on_line=None) -> float:
     """Run train_net.py; its output goes to the terminal and `log_path`. Returns seconds taken."""
-    return run_logged(train_net_command(config, output_dir, opts), log_path, f"train_net failed ({config})")
+    return run_logged(train_net_command(config, output_dir, opts), log_path, f"train_net failed ({config})", on_line)
 
 
-def run_logged(cmd, log_path: str, failure: str) -> float:
+def run_logged(cmd, log_path: str, failure: str, on_line=None) -> float:
     """Run `cmd` from the project root with its output in `log_path` (first line: the command) and
     Detectron2's ETA, evaluation and error lines on the terminal; exits with `failure` if it fails.
-    Returns seconds taken."""
+    `on_line`, if given, is called with every line of the output. Returns seconds taken."""
     start = time.time()
     with open(log_path, "w") as log:
         log.write(log_header(cmd))
@@ -63,6 +63,8 @@ def run_logged(cmd, log_path: str, failure: str) -> float:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
         for line in proc.stdout:
             log.write(line)
+            if on_line is not None:
+                on_line(line)
             if "eta:" in line or "copypaste" in line or "Error" in line:
                 sys.stdout.write(line)
         if proc.wait() != 0:

@@ -214,7 +214,7 @@ def test_fine_tunes_checkpoint_often_enough_to_resume():
 
 def test_resume_continues_or_keeps_the_teacher(quickstart, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(quickstart, "train_net", lambda config, out, opts, log: calls.append((out, opts)) or 1.0)
+    monkeypatch.setattr(quickstart, "train_net", lambda config, out, opts, log, on_line=None: calls.append((out, opts)) or 1.0)
     monkeypatch.setattr(quickstart, "check_teacher", lambda path: None)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     argv = ["quickstart.py", "--arch", "deformable", "--train-teacher", "--teacher-only", "--teacher-iters", "20",
@@ -262,7 +262,7 @@ def test_resume_with_fewer_seeds_keeps_the_other_runs_minutes(quickstart, tmp_pa
     kept seed-2 run still reports the minutes it took, not 0."""
     minutes = {"seed1": 5.0, "seed2": 7.0}
 
-    def fake_train_net(config, out, opts, log_path):
+    def fake_train_net(config, out, opts, log_path, on_line=None):
         with open(log_path, "w") as log:
             log.write("copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: 50.0,90.0,50.0,50.0,50.0,nan\n")
         if "--eval-only" in opts:

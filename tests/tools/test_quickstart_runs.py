@@ -14,7 +14,7 @@ def _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
     """train_net and the interpolation tool replaced by fakes that log AP 50 for a fine-tune and 60
     for an interpolated evaluation and write the files the quickstart checks; `calls` names each."""
 
-    def fake_train_net(config, out, opts, log_path):
+    def fake_train_net(config, out, opts, log_path, on_line=None):
         calls.append(os.path.basename(out))
         ap = 60.0 if "interpolated" in out else 50.0
         with open(log_path, "w") as log:
@@ -100,7 +100,7 @@ def test_picked_configs_replace_the_default_schedule(quickstart, tmp_path, monke
         f'_BASE_: "{os.path.join(project_root, "configs", "shapes", "aqdetr_w4a4.yaml")}"\nSOLVER:\n  MAX_ITER: 30\n')
     calls = []
 
-    def fake_train_net(config, out, opts, log_path):
+    def fake_train_net(config, out, opts, log_path, on_line=None):
         calls.append((os.path.basename(out), config, opts))
         with open(log_path, "w") as log:
             log.write("copypaste: AP,AP50,AP75,APs,APm,APl\ncopypaste: 50.0,90.0,50.0,50.0,50.0,nan\n")
@@ -139,7 +139,7 @@ def test_parallel_jobs_give_the_same_table_on_a_share_of_the_cores(quickstart, t
     _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
     fake = quickstart.train_net
     monkeypatch.setattr(quickstart, "train_net",
-                        lambda *a: threads.setdefault(jobs, set()).add(os.environ["OMP_NUM_THREADS"]) or fake(*a))
+                        lambda *a, **k: threads.setdefault(jobs, set()).add(os.environ["OMP_NUM_THREADS"]) or fake(*a, **k))
     monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
     tables = {}
     for jobs in ("1", "2"):
