@@ -181,7 +181,7 @@ def main():
     order = sorted(((key, seed) for key in args.variants for seed in args.seeds), key=lambda t: slowest_first(t[0]))
     plan = RunPlan(args.jobs)  # the ETA on each progress line, in the pool's order
     for key, seed in order:
-        plan.add(os.path.join(args.output, f"{key}_seed{seed}"), key, settings[key][2])
+        plan.add(fine_tune_dir(args, key, seed), key, settings[key][2])
     for spec in evaluations:
         plan.add(os.path.join(args.output, spec[2]), "evaluation", 0)
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each run is a train_net process
@@ -244,6 +244,11 @@ def interpolation_alphas(args) -> dict:
     return {key: alpha for key, alpha in alphas.items() if alpha != 1}
 
 
+def fine_tune_dir(args, key: str, seed: int) -> str:
+    """The folder of variant `key`'s fine-tune with `seed` under --output."""
+    return os.path.join(args.output, f"{key}_seed{seed}")
+
+
 def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retrained: set, plan: RunPlan,
               alpha=None):
     """One fine-tune of variant `key` with one seed, on `setting` (`variant_run`'s config, options
@@ -252,7 +257,7 @@ def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retraine
     minutes, folder) and, given `alpha`, the run interpolated with its start (else None)."""
     name, quantized = VARIANTS[key][:2]
     config, opts, iters = setting
-    run_dir = os.path.join(args.output, f"{key}_seed{seed}")
+    run_dir = fine_tune_dir(args, key, seed)
     if args.resume and finished(run_dir, iters):
         plan.finish(run_dir)
         stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")

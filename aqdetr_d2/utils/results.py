@@ -136,6 +136,10 @@ def grid_table(results_list: List[dict]) -> str:
     return "\n".join(lines)
 
 
+# What a rerun is compared on.
+RERUN_METRICS = ("AP", "AP50", "AP75")
+
+
 def rerun_table(rerun: dict, reference: dict, tolerance: float = 0.5) -> str:
     """A rerun (e.g. the quickstart on seed 1) against the results it should reproduce: per row of
     `rerun`, AP / AP50 / AP75 beside the reference row with the same key (the same seed's values
@@ -152,9 +156,8 @@ def rerun_table(rerun: dict, reference: dict, tolerance: float = 0.5) -> str:
             ref = ref_row if seed is None else next((s for s in ref_row.get("seeds", []) if s["seed"] == seed), None)
             if ref is None:
                 raise KeyError(f"the reference row {row['key']!r} has no seed {seed}")
-            metrics = ("AP", "AP50", "AP75")
-            cells = [f"{run[m]:.2f} / {ref[m]:.2f}" for m in metrics]
-            largest = max(abs(run[m] - ref[m]) for m in metrics)
+            cells = [f"{run[m]:.2f} / {ref[m]:.2f}" for m in RERUN_METRICS]
+            largest = max(abs(run[m] - ref[m]) for m in RERUN_METRICS)
             lines.append(f"| {row['name']} | `{row['key']}` | {'-' if seed is None else seed} | " + " | ".join(cells)
                          + f" | {largest:.2f} | {'yes' if largest <= tolerance else 'no'} |")
     return "\n".join(lines)
