@@ -6,7 +6,7 @@
 #      both on shapes_holdout only; the picks become configs/shapes/picked/*.yaml;
 #   3. the grid: every row, three seeds, at W4A4A4, W3A3A3 and W2A2A2, on shapes_val (evaluated once).
 # The control (the teacher fine-tuned unquantized) does not depend on the precision: the W3A3A3 and
-# W2A2A2 grids link the W4A4A4 grid's control runs instead of training them again.
+# W2A2A2 grids take the W4A4A4 grid's control rows (--control-from) instead of training them again.
 # JOBS fine-tunes run at once (default 2, one core each on this 2-core machine).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,10 +22,10 @@ python tools/sweep.py --space tools/sweep_spaces/detr_methods.yaml --precision w
     --budget 8 --iters 1000 --alphas 0.5 0.75 1.0 --schedule-from "$SCHEDULE/sweep.json" --jobs "$JOBS" --resume \
     --output output/sweep_methods_w4a4 --results "$METHODS" "${PICK[@]}"
 for P in "${PRECISIONS[@]}"; do
+    CONTROL=(--variants fp lsq aux distill aq)
     if [ "$P" != w4a4 ]; then
-        mkdir -p "output/grid_$P"
-        for S in 1 2 3; do ln -sfn "../grid_w4a4/fp_seed$S" "output/grid_$P/fp_seed$S"; done
+        CONTROL=(--variants lsq aux distill aq --control-from output/grid_w4a4/results.json)
     fi
-    python tools/quickstart.py --precision "$P" --variants fp lsq aux distill aq --seeds 1 2 3 --jobs "$JOBS" \
+    python tools/quickstart.py --precision "$P" "${CONTROL[@]}" --seeds 1 2 3 --jobs "$JOBS" \
         --resume --interpolate-from "$METHODS/sweep.json" --output "output/grid_$P"
 done

@@ -30,7 +30,7 @@ import torch
 
 from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, logged_evaluation,
                                         record_minutes, run_logged, run_numerics, share_cores, stage, train_net)
-from aqdetr_d2.experiments.ablation_table import (interpolated_name, mean_over_seeds, previous_minutes,
+from aqdetr_d2.experiments.ablation_table import (control_rows, interpolated_name, mean_over_seeds, previous_minutes,
                                                    with_previous_rows, write_results)
 from aqdetr_d2.experiments.progress import RunPlan
 from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
@@ -115,6 +115,10 @@ def main():
     parser.add_argument("--configs", metavar="DIR", default=PICKED_CONFIGS,
                         help="fine-tune each variant with the config tools/sweep.py picked for it in DIR "
                              "(<arch>_<precision>_<variant>.yaml), where there is one (default: %(default)s)")
+    parser.add_argument("--control-from", metavar="RESULTS_JSON",
+                        help="take the control rows (fp) from an earlier quickstart's results.json of the same "
+                             "architecture, seeds and configs instead of training them: the control runs "
+                             "unquantized, so it does not depend on --precision")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tunes run at once, each with 1/jobs of the cores (OMP_NUM_THREADS, unless "
                              "set); the committed tables were made with the default, on 2 cores")
@@ -122,6 +126,8 @@ def main():
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.control_from and "fp" in args.variants:
+        parser.error("--control-from takes the control (fp) from another run: leave fp out of --variants")
     # Every run of the table, evaluations included, on the same threads: they set the last bits.
     share_cores(args.jobs)
     if args.interpolate is not None and args.interpolate_from:
@@ -190,6 +196,8 @@ def main():
         rows = [pool.submit(evaluate, args, plan, *spec) for spec in evaluations]
         finished_runs = {t: f.result() for t, f in zip(order, fine_tunes)}
         rows = [f.result() for f in rows]
+    if args.control_from:
+        rows += control_rows(args.control_from, args)
     for key in args.variants:
         name = VARIANTS[key][0]
         config, opts, _ = settings[key]

@@ -34,6 +34,29 @@ def previous_minutes(output: str, run_dir: str) -> float:
     return runs[0]["train_minutes"] if runs else float("nan")
 
 
+def control_rows(path: str, args) -> list:
+    """The control rows (`fp`, and its interpolated row if any) of the earlier quickstart's
+    results.json at `path`, each marked "from": `path`. The control is the teacher fine-tuned
+    unquantized, so it does not depend on --precision: a grid at another precision on the same
+    schedule reuses it instead of training it again. Exits with a clear message when `path` was
+    made with another architecture, seeds, configs, iterations or --opts, or holds no control."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        made_with, rows = earlier["args"], earlier["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--control-from {path}: not a results.json of tools/quickstart.py ({e!r})")
+    for field in ("arch", "seeds", "configs", "iters", "opts"):
+        if made_with.get(field) != getattr(args, field):
+            raise SystemExit(f"--control-from {path}: its control was made with {field} "
+                             f"{made_with.get(field)!r}, this run has {getattr(args, field)!r}; "
+                             "train the control here instead (--variants fp)")
+    rows = [{**row, "from": path} for row in rows if row.get("key") in ("fp", "fp" + INTERP)]
+    if not rows:
+        raise SystemExit(f"--control-from {path}: it has no control row (key 'fp'); train it here (--variants fp)")
+    return rows
+
+
 def interpolated_name(name: str, alpha: float) -> str:
     return f"{name}{INTERPOLATED} (alpha {alpha:g})"
 
@@ -114,6 +137,9 @@ def write_results(args, rows):
     kept = [r["name"] for r in rows if r.get("kept")]
     if kept:
         lines += ["", "Kept from the earlier run in this folder: " + ", ".join(kept) + "."]
+    for source in dict.fromkeys(r["from"] for r in rows if r.get("from")):
+        taken = [r["name"] for r in rows if r.get("from") == source]
+        lines += ["", f"Taken from `{source}` (--control-from): " + ", ".join(taken) + "."]
     lines += ["", numerics_note(rows)]
     table = "\n".join(lines)
     with open(os.path.join(args.output, "results.md"), "w") as f:

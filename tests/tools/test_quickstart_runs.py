@@ -187,3 +187,37 @@ def test_interpolate_from_a_sweep_uses_each_variants_picked_alpha(quickstart, tm
     monkeypatch.setattr("sys.argv", ["quickstart.py", "--interpolate", "0.5", "--interpolate-from", str(sweep_json)])
     with pytest.raises(SystemExit):
         quickstart.main()
+
+
+def test_control_from_an_earlier_grid_is_reused_not_trained(quickstart, tmp_path, monkeypatch):
+    """`--control-from` takes the fp rows of another precision's results.json, marked with their
+    source, instead of training the control again; another schedule or seeds is refused."""
+    calls = []
+    _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
+    monkeypatch.setattr("sys.argv", ["quickstart.py", "--iters", "20", "--variants", "fp", "lsq",
+                                     "--output", str(tmp_path / "w4a4")])
+    quickstart.main()
+    earlier = str(tmp_path / "w4a4" / "results.json")
+    control = next(r for r in json.loads(open(earlier).read())["rows"] if r["key"] == "fp")
+
+    calls.clear()
+    argv = ["quickstart.py", "--iters", "20", "--precision", "w2a2", "--variants", "lsq", "--control-from", earlier,
+            "--output", str(tmp_path / "w2a2")]
+    monkeypatch.setattr("sys.argv", argv)
+    quickstart.main()
+    assert "fp_seed1" not in calls and "lsq_seed1" in calls
+    rows = json.loads((tmp_path / "w2a2" / "results.json").read_text())["rows"]
+    assert [r["key"] for r in rows] == ["teacher", "ptq", "calibrated", "fp", "lsq"]
+    assert rows[3] == {**control, "from": earlier}
+    assert f"Taken from `{earlier}` (--control-from): {control['name']}." in (tmp_path / "w2a2" / "results.md").read_text()
+
+    for wrong in (["--seeds", "1", "2"], ["--iters", "30"]):
+        monkeypatch.setattr("sys.argv", argv + wrong)
+        with pytest.raises(SystemExit, match="its control was made with"):
+            quickstart.main()
+    monkeypatch.setattr("sys.argv", argv[:6] + ["fp"] + argv[6:])
+    with pytest.raises(SystemExit):
+        quickstart.main()
+    monkeypatch.setattr("sys.argv", argv[:-3] + [str(tmp_path / "missing.json")] + argv[-2:])
+    with pytest.raises(SystemExit, match="not a results.json"):
+        quickstart.main()
