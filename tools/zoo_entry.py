@@ -15,6 +15,13 @@ From a quantization-aware checkpoint (MODEL.WEIGHTS) it writes
   (tools/export_onnx.py; the float export from the same checkpoint's float weights), at batch 1
   on a test-sized image, this machine's threads.
 README's model-zoo table is generated from the metrics.json files (tools/results_tables.py).
+
+    python tools/zoo_entry.py --name detr_shapes_w4a4_aux --refresh-onnx-ap
+
+measures an existing entry's onnxruntime AP again, from its committed model.pth and config.yaml
+(after a change to the ONNX export), and updates only that part of its metrics.json; the
+latencies and file sizes stay as first measured (the QAT checkpoint behind the float export
+need not exist any more).
 """
 import argparse
 import json
@@ -52,16 +59,43 @@ def copypaste_ap(output: str, what: str):
     return metrics["AP"], metrics["AP50"], metrics["AP75"]
 
 
+def onnx_ap(config_path: str, onnx_path: str):
+    """(AP, AP50, AP75) in onnxruntime of the entry `config_path` names, exported to `onnx_path`."""
+    run("tools/export_onnx.py", "--config-file", config_path, "--output", onnx_path)
+    return copypaste_ap(run("tools/eval_onnx.py", "--config-file", config_path, "--onnx", onnx_path), onnx_path)
+
+
+def refresh_onnx_ap(entry: str):
+    """Measure the committed entry in `entry` in onnxruntime again; rewrite its metrics.json."""
+    path = os.path.join(entry, "metrics.json")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{entry} is not a zoo entry (no metrics.json): make it first, without --refresh-onnx-ap")
+    with open(path) as f:
+        metrics = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        ap = onnx_ap(os.path.join(os.path.relpath(entry, ROOT), "config.yaml"), os.path.join(tmp, "quantized.onnx"))
+    metrics["onnx"].update(AP=ap[0], AP50=ap[1], AP75=ap[2])
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="folder name under docs/models (arch, precision, recipe)")
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--made-by", required=True, help="the command that trained MODEL.WEIGHTS")
+    parser.add_argument("--config-file", metavar="FILE", help="the QAT checkpoint's config (a new entry)")
+    parser.add_argument("--made-by", help="the command that trained MODEL.WEIGHTS (a new entry)")
+    parser.add_argument("--refresh-onnx-ap", action="store_true",
+                        help="measure an existing entry's onnxruntime AP again from its model.pth; nothing else changes")
     parser.add_argument("--root", default=os.path.join(ROOT, "docs", "models"), help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, MODEL.WEIGHTS among them")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[a-z0-9_]+", args.name):
         raise UserInputError(f"--name {args.name!r}: use lower-case letters, digits and underscores")
+    if args.refresh_onnx_ap:
+        return refresh_onnx_ap(os.path.join(args.root, args.name))
+    if not (args.config_file and args.made_by):
+        raise UserInputError("a new entry needs --config-file and --made-by (or --refresh-onnx-ap for an existing one)")
     cfg = load_config(args.config_file, args.opts)
     if not cfg.MODEL.QUANT.ENABLED or not cfg.MODEL.WEIGHTS:
         raise UserInputError("a zoo entry is a quantized model: pass its quantized config and MODEL.WEIGHTS")
@@ -90,8 +124,7 @@ def main(argv=None):
     image = (torch.rand(1, 3, *size) * 255).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         quantized, float_onnx = os.path.join(tmp, "quantized.onnx"), os.path.join(tmp, "float.onnx")
-        run("tools/export_onnx.py", "--config-file", config_path, "--output", quantized)
-        ort_ap = copypaste_ap(run("tools/eval_onnx.py", "--config-file", config_path, "--onnx", quantized), quantized)
+        ort_ap = onnx_ap(config_path, quantized)
         run("tools/export_onnx.py", "--config-file", args.config_file, "--output", float_onnx, "--float", *args.opts,
             *training_only)
         float_latency, latency = session_latencies([float_onnx, quantized], image, repeats=30)

@@ -14,6 +14,7 @@ ONNX's QuantizeLinear saturates to the container's range (int8 or uint8), not to
 Clip between Q and DQ is on the integer codes, so that the Q / DQ pair around an operator
 stays adjacent to it and the runtime can still fuse it.
 """
+import math
 from typing import Optional
 
 import torch
@@ -198,6 +199,22 @@ def _norm_affine(norm: Optional[nn.Module]):
     return None
 
 
+# The largest weight code after `bias_shift`: onnxruntime's u8 x s8 kernels on CPUs without VNNI
+# add products in pairs in int16, which 255 * 63 * 2 still fits.
+_SHIFTED_CODE_MAX = 63
+
+
+def bias_shift(codes: Tensor, zero_point: Tensor) -> int:
+    """k >= 0 such that the weight codes times 2^k stay within +-63: an integer convolution's
+    weight codes are multiplied by 2^k and their steps divided by 2^k (the same weights exactly),
+    so that its int32 bias, in steps of the input step times the weight step, is 2^k times
+    finer. 0 for codes with zero points (asymmetric) or wider than 6 bits."""
+    largest = int(codes.abs().max())
+    if bool(zero_point.any()) or largest == 0 or largest > _SHIFTED_CODE_MAX:
+        return 0
+    return int(math.floor(math.log2(_SHIFTED_CODE_MAX / largest)))
+
+
 class DequantConv2d(nn.Module):
     """y = act(Conv(DQ(x), DQ(codes), bias)), with an inference batch norm folded in.
 
@@ -234,15 +251,20 @@ class DequantConv2d(nn.Module):
                 raise ExportError(f"{name}: an 8-bit weight code -128 in a channel whose batch-norm scale is negative "
                                   "has no int8 negation; export this layer with MODEL.QUANT.KEEP_FP_PATTERNS")
             sign = torch.where(negative, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
-            self.register_buffer("codes", (codes.to(torch.int16) * sign).to(torch.int8))
-            self.register_buffer("scale", scale * norm_scale.abs())
-            self.register_buffer("zero_point", zero_point)
+            codes, scale = codes.to(torch.int16) * sign, scale * norm_scale.abs()
             if isinstance(self.input_quant, QuantizeDequantize) and self.input_quant.ch_axis is None:
-                # The int32 bias of an integer convolution, as ONNX Runtime would quantize it
-                # (its WeightBiasQuantization); rounded here so the graph states it exactly.
-                bias_scale = self.input_quant.scale * self.scale
+                # The int32 bias of an integer convolution (as ONNX Runtime's WeightBiasQuantization
+                # would round it), rounded here so that the graph states it exactly. Its step is the
+                # input step times the weight step: at 2 bits so coarse that rounding to it moved
+                # outputs by up to 4% of their range, hence codes scaled up by 2^k (`bias_shift`).
+                shift = bias_shift(codes, zero_point)
+                codes, scale = codes * 2 ** shift, scale / 2 ** shift
+                bias_scale = self.input_quant.scale * scale
                 self.register_buffer("bias_scale", bias_scale)
                 self.register_buffer("bias_codes", torch.round(self.bias / bias_scale).to(torch.int32))
+            self.register_buffer("codes", codes.to(torch.int8))
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.codes is None:

@@ -11,6 +11,7 @@ export and, for the quantized export, by the share of outputs that agree.
 import collections
 import copy
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -21,6 +22,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
 from aqdetr_d2.deploy import ExportError, ExportedDetector, export_onnx
+from aqdetr_d2.deploy.int4 import pack_int4, widen_int4
 from aqdetr_d2.deploy.qdq import QuantizeDequantize, to_integer_forms
 from aqdetr_d2.deploy.runtime import OnnxRuntimeDetector, ort_session
 from aqdetr_d2.quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantLinear
@@ -153,6 +155,50 @@ def test_conv_with_batch_norm_runs_as_qlinearconv(tmp_path):
     # bias move values by float noise and by under half a bias step, so a value near a boundary
     # may take the neighbouring code, never a farther one.
     assert (exact - expected).abs().max() <= step * 1.0001 and (exact != expected).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("weight_bits", [2, 4])
+def test_conv_bias_takes_steps_finer_than_the_accumulator(weight_bits, tmp_path):
+    """The int32 bias of an integer convolution is rounded to steps 2^k finer than input step x
+    weight step; widened for the session, the weight codes are multiplied by 2^k, so QLinearConv
+    adds that bias exactly. Against the float conv -> batch norm, the bias moves outputs by under
+    half a fine step (at 2 bits a coarse step moved them by up to 4% of their range)."""
+    norm = FrozenBatchNorm2d(8)
+    norm.weight.copy_(torch.rand(8) + 0.5)  # positive scales: the codes stay INT4, and are shifted
+    norm.bias.copy_(torch.randn(8))
+    norm.running_var.copy_(torch.rand(8) + 0.5)
+    norm.running_mean.copy_(torch.randn(8))
+    conv = Conv2d(6, 8, 3, padding=1, bias=False, norm=norm)
+    qconv = QuantConv2d.from_float(conv, _lsq(weight_bits, channels=8), _lsq(4, signed=False)).eval()
+    x = torch.rand(1, 6, 20, 24) * 3
+    with torch.no_grad():
+        qconv(x)  # initialise
+        expected = qconv(x)
+        integer = to_integer_forms(nn.Sequential(copy.deepcopy(qconv)))[0]
+        exact = integer(x)
+    trained_codes = qconv.weight_quantizer.quantize_to_int(qconv.weight.detach())[0]
+    shift = next(k for k in range(8) if torch.equal(integer.codes.long(), trained_codes.long() * 2 ** k))
+    assert shift >= 2 and integer.codes.abs().max() <= 63
+    bound = (integer.bias_scale / 2).view(1, -1, 1, 1) * 1.001 + 1e-5
+    assert ((exact - expected).abs() <= bound).all()
+
+    model = nn.Sequential(qconv, _lsq(8, signed=False)).eval()
+    with torch.no_grad():
+        model(x)
+        model.eval()
+        reference = to_integer_forms(copy.deepcopy(model))(x)
+    path = export_module(to_integer_forms(copy.deepcopy(model)), x, str(tmp_path / "conv.onnx"))
+    onnx.save(pack_int4(onnx.load(path)), path)  # as tools/export_onnx.py stores it
+    stored = [i for i in onnx.load(path).graph.initializer if len(i.dims) == 4]
+    assert [i.data_type for i in stored] == [onnx.TensorProto.INT4]  # on disk, the trained 4-bit codes
+    assert np.array_equal(onnx.numpy_helper.to_array(stored[0]).astype(np.int8), trained_codes.numpy())
+    widened = [onnx.numpy_helper.to_array(i) for i in widen_int4(onnx.load(path)).graph.initializer
+               if len(i.dims) == 4]
+    assert np.array_equal(widened[0], integer.codes.numpy())  # in the session, scaled up again
+    assert optimized_ops(path, tmp_path)["QLinearConv"] == 1
+    got = torch.from_numpy(ort_session(path, threads=1).run(None, {"x": x.numpy()})[0])
+    assert (got - reference).abs().max() <= float(model[1].scale) * 1.0001
+    assert (got != reference).float().mean() < 1e-3
 
 
 def test_lsq_plus_offset_is_refused_with_its_layer_name():

@@ -1,5 +1,6 @@
 """tools/export_onnx.py and tools/eval_onnx.py, run as subprocesses like a user would, on the
 committed DETR teacher quantized W4A4A4 (post-training) and 24 shapes_val images."""
+import collections
 import json
 import os
 import re
@@ -60,13 +61,18 @@ def test_export_tool_writes_an_integer_graph(exported):
     assert {p.key: p.value for p in model.metadata_props}["meta_architecture"] == "AQDETR"
     int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert int4, "4-bit weight codes are stored as INT4"
-    # Two codes per byte on disk; widened, the same codes in int8 for the integer kernels.
+    # Two codes per byte on disk; widened, the same codes in int8 for the integer kernels, those of
+    # a convolution times 2^j for its finer bias steps (qdq.bias_shift), within +-63.
     widened = {i.name: i for i in widen_int4(onnx.load(path)).graph.initializer}
+    shifts = collections.Counter()
     for init in int4:
-        codes = onnx.numpy_helper.to_array(widened[init.name])
+        codes, stored = onnx.numpy_helper.to_array(widened[init.name]), onnx.numpy_helper.to_array(init).astype(np.int8)
         assert len(init.raw_data) == (codes.size + 1) // 2
-        assert codes.dtype == np.int8 and codes.min() >= -8 and codes.max() <= 7
-        assert np.array_equal(codes, onnx.numpy_helper.to_array(init).astype(np.int8))
+        assert codes.dtype == np.int8 and stored.min() >= -8 and stored.max() <= 7
+        shift = next(j for j in range(7) if np.array_equal(codes, stored * np.int8(2 ** j)))
+        assert shift == 0 or np.abs(codes).max() <= 63
+        shifts[len(init.dims), shift > 0] += 1
+    assert shifts[2, True] == 0 and shifts[4, True] > 0  # linear layers as stored; convolutions scaled up
 
 
 def test_onnxruntime_ap_matches_eval_only(project_root, exported, small_val, tmp_path):
