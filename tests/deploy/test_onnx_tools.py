@@ -126,3 +126,12 @@ def test_zoo_entry_evaluates_as_written_and_renders(project_root, small_val, tmp
     assert abs(metrics["onnx"]["AP"] - metrics["AP"]) < 1.5, (metrics["onnx"]["AP"], metrics["AP"])
     assert "TEACHER_WEIGHTS: ''" in (entry / "config.yaml").read_text()  # no path of this machine
     assert "[detr_w4a4_ptq](docs/models/detr_w4a4_ptq/config.yaml) | AQDETR | W4A4A4 |" in zoo_table([metrics])
+
+    # --refresh-onnx-ap measures the committed entry in onnxruntime again and changes nothing else.
+    stale = {**metrics, "onnx": {**metrics["onnx"], "AP": -1.0, "AP50": -1.0, "AP75": -1.0}}
+    (entry / "metrics.json").write_text(json.dumps(stale))
+    refresh = run(project_root, "tools/zoo_entry.py", "--name", "detr_w4a4_ptq", "--refresh-onnx-ap", "--root", str(tmp_path))
+    assert refresh.returncode == 0, refresh.stderr[-3000:]
+    assert json.loads((entry / "metrics.json").read_text()) == metrics
+    missing = run(project_root, "tools/zoo_entry.py", "--name", "no_such_entry", "--refresh-onnx-ap", "--root", str(tmp_path))
+    assert missing.returncode == 2 and "is not a zoo entry" in missing.stderr
