@@ -280,7 +280,8 @@ class DequantConv2d(nn.Module):
         return y if self.activation is None else self.activation(y)
 
 
-def _export_form(module: nn.Module, name: str) -> Optional[nn.Module]:
+def export_form(module: nn.Module, name: str) -> Optional[nn.Module]:
+    """The integer form of a QuantLinear, QuantConv2d or quantizer named `name`; None for other modules."""
     if isinstance(module, QuantLinear):
         return DequantLinear(module, name)
     if isinstance(module, QuantConv2d):
@@ -290,17 +291,18 @@ def _export_form(module: nn.Module, name: str) -> Optional[nn.Module]:
     return None
 
 
-def to_integer_forms(model: nn.Module) -> nn.Module:
+def to_integer_forms(model: nn.Module, form_of=export_form) -> nn.Module:
     """Replace, in place, every QuantLinear / QuantConv2d and every remaining quantizer of
     `model` (eval mode) by its export form; a module held by two parents (the decoder's alias
     of a box head) is replaced under both names by one new module. Raises ExportError naming a
-    layer that has no integer form."""
+    layer that has no integer form. `form_of(module, name)` gives a module's form, or None
+    to keep it (tools/integer_gap.py replaces one kind of layer at a time)."""
     new_forms, places = {}, []
     for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(place + ".") for place, _ in places):
             continue  # inside a layer replaced as a whole
         if id(module) not in new_forms:
-            form = _export_form(module, name)
+            form = form_of(module, name)
             if form is None:
                 continue
             new_forms[id(module)] = form

@@ -85,9 +85,20 @@ def test_onnxruntime_ap_matches_eval_only(project_root, exported, small_val, tmp
     assert torch_run.returncode == 0, torch_run.stderr[-3000:]
     ort_ap, torch_ap = copypaste_ap(ort_run.stdout + ort_run.stderr), copypaste_ap(torch_run.stdout + torch_run.stderr)
     # A real model (the committed teacher, calibrated as --eval-only calibrates it): on 24 images
-    # a few boxes that move by a rounding flip can shift AP by up to ~1.5 points; on the 1000
-    # shapes_val images the two agree to 0.3 AP (docs/deploy.md).
+    # a few boxes that move by a rounding flip can shift AP by up to ~1.5 points (on the 1000
+    # shapes_val images, docs/deploy.md, Agreement).
     assert torch_ap > 10 and abs(ort_ap - torch_ap) < 1.5, (ort_ap, torch_ap)
+
+    # tools/integer_gap.py: its fake-quantized row is --eval-only's AP, and its integer forms, which
+    # onnxruntime computes to float rounding, give onnxruntime's AP.
+    gap = run(project_root, "tools/integer_gap.py", "--config-file", CONFIG, "--calibrate", "--row", "integer forms",
+              "--row", "convolutions, float bias", *BACKBONE, *small_val, "MODEL.WEIGHTS", TEACHER, "SEED", "1",
+              "OUTPUT_DIR", str(tmp_path / "gap"))
+    assert gap.returncode == 0, gap.stderr[-3000:]
+    rows = dict(re.findall(r"^(\S.*?)\s+AP\s+([\d.]+) ", gap.stdout, re.M))
+    assert list(rows) == ["fake-quantized", "integer forms", "convolutions, float bias"], gap.stdout
+    assert float(rows["fake-quantized"]) == pytest.approx(torch_ap, abs=0.006)
+    assert float(rows["integer forms"]) == pytest.approx(ort_ap, abs=0.006), (rows, ort_ap)
 
 
 def test_float_checkpoint_is_refused_without_calibrate(project_root, tmp_path):
