@@ -32,6 +32,7 @@ from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, 
                                         record_minutes, run_logged, run_numerics, share_cores, stage, train_net)
 from aqdetr_d2.experiments.ablation_table import (control_rows, interpolated_name, mean_over_seeds, previous_minutes,
                                                    with_previous_rows, write_results)
+from aqdetr_d2.experiments.committed_runs import committed_run
 from aqdetr_d2.experiments.progress import RunPlan
 from aqdetr_d2.experiments.shapes_ablation import (ARCHS, BACKBONE_OPTS, DEFAULT_VARIANTS, PRECISIONS,
                                                    TEACHER_CURVE_OPTS, VARIANTS, checkpoint_opts, fine_tune_opts,
@@ -119,6 +120,10 @@ def main():
                         help="take the control rows (fp) from an earlier quickstart's results.json of the same "
                              "architecture, seeds and configs instead of training them: the control runs "
                              "unquantized, so it does not depend on --precision")
+    parser.add_argument("--runs-from", metavar="DIR",
+                        help="take each fine-tune that tools/collect_runs.py committed to DIR finished (its config "
+                             "and log) instead of training it, e.g. to finish a grid after its machine was lost; "
+                             "not with interpolated rows, which need the checkpoints")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tunes run at once, each with 1/jobs of the cores (OMP_NUM_THREADS, unless "
                              "set); the committed tables were made with the default, on 2 cores")
@@ -183,6 +188,8 @@ def main():
     for key, (config, _, iters) in settings.items():  # a picked config, or the defaults
         stage(f"{VARIANTS[key][0]}: {config}, {iters} iterations")
     retrained, alphas = set(), interpolation_alphas(args)
+    if args.runs_from and alphas:
+        parser.error("--runs-from takes no checkpoints, which interpolated rows need")
     # The slowest variants first, the short evaluations last, so that parallel jobs end together.
     order = sorted(((key, seed) for key in args.variants for seed in args.seeds), key=lambda t: slowest_first(t[0]))
     plan = RunPlan(args.jobs)  # the ETA on each progress line, in the pool's order
@@ -266,6 +273,16 @@ def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retraine
     name, quantized = VARIANTS[key][:2]
     config, opts, iters = setting
     run_dir = fine_tune_dir(args, key, seed)
+    committed = None
+    if args.runs_from and not (args.resume and finished(run_dir, iters)):
+        from aqdetr_d2.config import load_config
+
+        expected = load_config(os.path.join(ROOT, config), [*opts, "SEED", str(seed)]).dump()
+        committed = committed_run(args.runs_from, os.path.basename(run_dir), expected)
+    if committed is not None:
+        plan.finish(run_dir)
+        stage(f"{name}, seed {seed}: AP {committed['AP']:.1f}, taken finished from {committed['from']}")
+        return {**committed, "seed": seed, "output_dir": run_dir}, None
     if args.resume and finished(run_dir, iters):
         plan.finish(run_dir)
         stage(f"{name}, seed {seed}: kept the finished run in {run_dir}")

@@ -221,3 +221,48 @@ def test_control_from_an_earlier_grid_is_reused_not_trained(quickstart, tmp_path
     monkeypatch.setattr("sys.argv", argv[:-3] + [str(tmp_path / "missing.json")] + argv[-2:])
     with pytest.raises(SystemExit, match="not a results.json"):
         quickstart.main()
+
+
+def _committed_log(ap: float) -> str:
+    """What a finished fine-tune's Detectron2 log holds that --runs-from reads."""
+    return ("[12/07 09:26:00 aqdetr_d2]: Numerics: CPU capability AVX512, no instruction caps, torch 2.14.1, 1 thread\n"
+            "[12/07 09:56:39 d2.engine.hooks]: Overall training speed: 998 iterations in 0:10:00 (0.6012 s / it)\n"
+            "[12/07 09:57:01 d2.evaluation.evaluator]: Total inference time: 0:00:30.000000 (0.03 s / iter per device)\n"
+            "[12/07 09:57:02 d2.evaluation.testing]: copypaste: Task: bbox\n"
+            "[12/07 09:57:02 d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
+            f"[12/07 09:57:02 d2.evaluation.testing]: copypaste: {ap},90.0,50.0,50.0,50.0,nan\n")
+
+
+def test_runs_from_a_committed_folder_are_taken_not_trained(quickstart, tmp_path, monkeypatch):
+    """`--runs-from DIR` takes a fine-tune that tools/collect_runs.py committed (config and log)
+    instead of training it: its final AP, minutes and numerics from the log. A run committed with
+    other settings is refused with the key named; an unfinished one is trained here."""
+    calls, dumps = [], {}
+    _fake_fine_tunes_and_interpolation(quickstart, tmp_path, monkeypatch, calls)
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    argv = ["quickstart.py", "--variants", "lsq", "--seeds", "1", "2", "--runs-from", str(committed)]
+    # The configs the runs would train with, as train_net would dump them: from a first call.
+    real = quickstart.committed_run
+    monkeypatch.setattr(quickstart, "committed_run", lambda folder, run, dump: dumps.setdefault(run, dump) and None)
+    monkeypatch.setattr("sys.argv", argv + ["--output", str(tmp_path / "first")])
+    quickstart.main()
+    monkeypatch.setattr(quickstart, "committed_run", real)
+    for run, dump in dumps.items():
+        (committed / f"{run}_config.yaml").write_text(dump)
+    (committed / "lsq_seed1_log.txt").write_text(_committed_log(44.5))
+    (committed / "lsq_seed2_log.txt").write_text(_committed_log(44.5).split("Overall")[0])  # interrupted
+
+    calls.clear()
+    monkeypatch.setattr("sys.argv", argv + ["--output", str(tmp_path / "out")])
+    quickstart.main()
+    assert "lsq_seed1" not in calls and "lsq_seed2" in calls
+    seeds = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][3]["seeds"]
+    assert [s["AP"] for s in seeds] == [44.5, 50.0]
+    assert seeds[0]["train_minutes"] == pytest.approx(10.5) and seeds[0]["from"] == str(committed / "lsq_seed1_log.txt")
+    assert seeds[0]["numerics"] == ["CPU capability AVX512, no instruction caps, torch 2.14.1, 1 thread"]
+
+    (committed / "lsq_seed1_config.yaml").write_text(dumps["lsq_seed2"])  # seed 2's config under seed 1's name
+    monkeypatch.setattr("sys.argv", argv + ["--output", str(tmp_path / "again")])
+    with pytest.raises(SystemExit, match="SEED"):
+        quickstart.main()
