@@ -43,13 +43,8 @@ def _weight_dequantizers(graph: onnx.GraphProto, dtype: int, producers: dict):
 
 def _zero(name: str, producers: dict, initializers: dict) -> bool:
     """Whether tensor `name` is a constant of zeros (an initializer or a Constant node)."""
-    name = _source(producers, name)
-    init = initializers.get(name)
-    if init is None:
-        node = producers.get(name)
-        init = None if node is None or node.op_type != "Constant" else next(
-            (a.t for a in node.attribute if a.name == "value"), None)
-    return init is not None and not numpy_helper.to_array(init).any()
+    value = _constant(name, producers, initializers)
+    return value is not None and not value.any()
 
 
 def _int4_shift(codes: np.ndarray):

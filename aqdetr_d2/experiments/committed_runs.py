@@ -13,8 +13,7 @@ from typing import Optional
 
 import yaml
 
-from ..utils.numerics import NUMERICS_TAG
-from .runs import copypaste_metrics
+from .runs import copypaste_metrics, logged_numerics
 
 # Config keys that name files of the machine that made the run: they may differ from this one's.
 MACHINE_PATHS = ("OUTPUT_DIR", "MODEL.WEIGHTS", "MODEL.DISTILL.TEACHER_WEIGHTS", "MODEL.DISTILL.TEACHER_CONFIG")
@@ -66,6 +65,5 @@ def committed_run(folder: str, run: str, expected_dump: str) -> Optional[dict]:
                          f"{' ...' if len(differences) > 5 else ''}): drop --runs-from, or use the same configs")
     took = _duration(_TRAINED.search(lines[trained[-1]]).group(1))
     took += sum((_duration(m.group(1)) for m in map(_INFERENCE.search, lines[trained[-1]:]) if m), timedelta())
-    numerics = [line.split(NUMERICS_TAG, 1)[1].strip() for line in lines if NUMERICS_TAG in line]
-    return {**metrics, "train_minutes": took.total_seconds() / 60, "numerics": list(dict.fromkeys(numerics)),
+    return {**metrics, "train_minutes": took.total_seconds() / 60, "numerics": logged_numerics(lines),
             "from": log_path}

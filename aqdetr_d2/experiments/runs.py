@@ -126,10 +126,14 @@ def run_numerics(output_dir: str):
     a run from before train_net.py logged them."""
     try:
         with open(os.path.join(output_dir, "log.txt")) as f:
-            found = [line.split(NUMERICS_TAG, 1)[1].strip() for line in f if NUMERICS_TAG in line]
+            return logged_numerics(f)
     except OSError:
         return []
-    return list(dict.fromkeys(found))
+
+
+def logged_numerics(lines):
+    """The distinct numerics lines among a train_net.py log's `lines`, oldest first."""
+    return list(dict.fromkeys(line.split(NUMERICS_TAG, 1)[1].strip() for line in lines if NUMERICS_TAG in line))
 
 
 def finished(output_dir: str, iters: int) -> bool:
