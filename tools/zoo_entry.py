@@ -9,8 +9,9 @@ From a quantization-aware checkpoint (MODEL.WEIGHTS) it writes
 - config.yaml: the full config, MODEL.WEIGHTS pointing at model.pth, so that
   `train_net.py --eval-only --config-file docs/models/<name>/config.yaml MODEL.WEIGHTS docs/models/<name>/model.pth`
   works as written; the tool runs exactly that command and reads its AP;
-- metrics.json: AP, AP50, AP75 of that command, the command, `--made-by` (how the checkpoint
-  was trained), the file size, and for the quantized ONNX export its AP in onnxruntime
+- metrics.json: AP, AP50, AP75 of that command, the command, the same with
+  MODEL.QUANT.INTEGER_EVAL ("integer": the ONNX export's arithmetic in PyTorch), `--made-by` (how
+  the checkpoint was trained), the file size, and for the quantized ONNX export its AP in onnxruntime
   (tools/eval_onnx.py, same test set), its latency and file size against the float one
   (tools/export_onnx.py; the float export from the same checkpoint's float weights), at batch 1
   on a test-sized image, this machine's threads.
@@ -18,8 +19,8 @@ README's model-zoo table is generated from the metrics.json files (tools/results
 
     python tools/zoo_entry.py --name detr_shapes_w4a4_aux --refresh-onnx-ap
 
-measures an existing entry's onnxruntime AP again, from its committed model.pth and config.yaml
-(after a change to the ONNX export), and updates only that part of its metrics.json; the
+measures an existing entry's onnxruntime AP and its integer-forms AP again, from its committed
+model.pth and config.yaml (after a change to the ONNX export), and updates only those parts of its metrics.json; the
 latencies and file sizes stay as first measured (the QAT checkpoint behind the float export
 need not exist any more).
 """
@@ -65,8 +66,17 @@ def onnx_ap(config_path: str, onnx_path: str):
     return copypaste_ap(run("tools/eval_onnx.py", "--config-file", config_path, "--onnx", onnx_path), onnx_path)
 
 
+def integer_ap(eval_command) -> dict:
+    """AP, AP50, AP75 and the command of `eval_command` (train_net.py --eval-only) with
+    MODEL.QUANT.INTEGER_EVAL: the integer forms that the ONNX export writes, in PyTorch."""
+    command = [*eval_command, "MODEL.QUANT.INTEGER_EVAL", "True"]
+    ap = copypaste_ap(run(*command), "--eval-only with MODEL.QUANT.INTEGER_EVAL")
+    return {"AP": ap[0], "AP50": ap[1], "AP75": ap[2], "eval_command": "python " + " ".join(command)}
+
+
 def refresh_onnx_ap(entry: str):
-    """Measure the committed entry in `entry` in onnxruntime again; rewrite its metrics.json."""
+    """Measure the committed entry in `entry` in onnxruntime, and its integer forms in PyTorch,
+    again; rewrite those parts of its metrics.json."""
     path = os.path.join(entry, "metrics.json")
     if not os.path.isfile(path):
         raise UserInputError(f"{entry} is not a zoo entry (no metrics.json): make it first, without --refresh-onnx-ap")
@@ -75,6 +85,9 @@ def refresh_onnx_ap(entry: str):
     with tempfile.TemporaryDirectory() as tmp:
         ap = onnx_ap(os.path.join(os.path.relpath(entry, ROOT), "config.yaml"), os.path.join(tmp, "quantized.onnx"))
     metrics["onnx"].update(AP=ap[0], AP50=ap[1], AP75=ap[2])
+    config_path = os.path.join(os.path.relpath(entry, ROOT), "config.yaml")
+    metrics["integer"] = integer_ap(["projects/AQDETR/train_net.py", "--eval-only", "--config-file", config_path,
+                                     "MODEL.WEIGHTS", os.path.join(os.path.relpath(entry, ROOT), "model.pth")])
     with open(path, "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2))
@@ -134,7 +147,8 @@ def main(argv=None):
     metrics = {"name": args.name, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
                "precision": f"W{cfg.MODEL.QUANT.WEIGHT_BITS}A{cfg.MODEL.QUANT.ACT_BITS}A{cfg.MODEL.QUANT.ATTN_BITS}",
                "dataset": cfg.DATASETS.TEST[0], "AP": ap, "AP50": ap50, "AP75": ap75,
-               "eval_command": "python " + " ".join(eval_command), "made_by": args.made_by,
+               "eval_command": "python " + " ".join(eval_command), "integer": integer_ap(eval_command),
+               "made_by": args.made_by,
                "model_mb": os.path.getsize(model_path) / MB, "onnx": onnx_metrics}
     with open(os.path.join(entry, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

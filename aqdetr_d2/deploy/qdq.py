@@ -199,20 +199,27 @@ def _norm_affine(norm: Optional[nn.Module]):
     return None
 
 
-# The largest weight code after `bias_shift`: onnxruntime's u8 x s8 kernels on CPUs without VNNI
-# add products in pairs in int16, which 255 * 63 * 2 still fits.
-_SHIFTED_CODE_MAX = 63
+# onnxruntime's u8 x s8 kernels on CPUs without VNNI add products in pairs in int16: input code
+# times weight code, twice, must stay within this.
+_INT16_MAX = 32767
+# The most `bias_shift` scales codes up: widen_int4 multiplies int8 codes by 2^k in int8.
+_MAX_BIAS_SHIFT = 6
 
 
-def bias_shift(codes: Tensor, zero_point: Tensor) -> int:
-    """k >= 0 such that the weight codes times 2^k stay within +-63: an integer convolution's
-    weight codes are multiplied by 2^k and their steps divided by 2^k (the same weights exactly),
-    so that its int32 bias, in steps of the input step times the weight step, is 2^k times
-    finer. 0 for codes with zero points (asymmetric) or wider than 6 bits."""
-    largest = int(codes.abs().max())
-    if bool(zero_point.any()) or largest == 0 or largest > _SHIFTED_CODE_MAX:
+def bias_shift(codes: Tensor, zero_point: Tensor, input_max: int) -> int:
+    """k >= 0 such that the weight codes times 2^k stay int8 and, times the largest uint8 input
+    code `input_max`, within the int16 pair sums of onnxruntime's kernels on CPUs without VNNI.
+    An integer convolution's weight codes are multiplied by 2^k and their steps divided by 2^k
+    (the same weights exactly), so that its int32 bias, in steps of the input step times the
+    weight step, is 2^k times finer. 0 for codes with zero points (asymmetric)."""
+    if bool(zero_point.any()) or not bool(codes.any()):
         return 0
-    return int(math.floor(math.log2(_SHIFTED_CODE_MAX / largest)))
+    bound = _INT16_MAX // (2 * max(input_max, 1))
+    low, high = -min(bound, 128), min(bound, 127)
+    shift = 0
+    while shift < _MAX_BIAS_SHIFT and low <= int(codes.min()) << (shift + 1) and int(codes.max()) << (shift + 1) <= high:
+        shift += 1
+    return shift
 
 
 class DequantConv2d(nn.Module):
@@ -233,8 +240,9 @@ class DequantConv2d(nn.Module):
         channels = module.out_channels
         affine = _norm_affine(module.norm)
         self.norm = module.norm if affine is None else None  # a norm that does not fold runs after the conv
-        norm_scale, norm_shift = affine or (torch.ones(channels), torch.zeros(channels))
-        bias = torch.zeros(channels) if module.bias is None else module.bias.detach()
+        zeros = module.weight.new_zeros(channels)
+        norm_scale, norm_shift = affine or (zeros + 1, zeros)
+        bias = zeros if module.bias is None else module.bias.detach()
         self.register_buffer("bias", bias * norm_scale + norm_shift)
         self.activation = module.activation
         self.register_buffer("bias_codes", None)  # set below when the conv is integer on both sides
@@ -256,8 +264,9 @@ class DequantConv2d(nn.Module):
                 # The int32 bias of an integer convolution (as ONNX Runtime's WeightBiasQuantization
                 # would round it), rounded here so that the graph states it exactly. Its step is the
                 # input step times the weight step: at 2 bits so coarse that rounding to it moved
-                # outputs by up to 4% of their range, hence codes scaled up by 2^k (`bias_shift`).
-                shift = bias_shift(codes, zero_point)
+                # outputs by up to 4% of their range, hence codes scaled up by 2^k (`bias_shift`);
+                # a 2-bit DETR still lost 0.4 AP at 2^4 finer, 0.2 at 2^6.
+                shift = bias_shift(codes, zero_point, self.input_quant.qmax)
                 codes, scale = codes * 2 ** shift, scale / 2 ** shift
                 bias_scale = self.input_quant.scale * scale
                 self.register_buffer("bias_scale", bias_scale)
@@ -311,3 +320,14 @@ def to_integer_forms(model: nn.Module, form_of=export_form) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new_forms[id(module)])
     return model
+
+
+def integer_model(cfg, model: nn.Module) -> nn.Module:
+    """`model` (a fake-quantized detector with its step sizes) computing as its ONNX export does:
+    every layer replaced by its integer form, on cfg.MODEL.DEVICE. Its AP is onnxruntime's to
+    float rounding; the fake-quantized model's differs by what folding the batch norms and
+    rounding the conv biases to int32 moves (tools/integer_gap.py)."""
+    if not cfg.MODEL.QUANT.ENABLED:
+        raise ExportError("MODEL.QUANT.INTEGER_EVAL needs a quantized model: set MODEL.QUANT.ENABLED True "
+                          "or INTEGER_EVAL False")
+    return to_integer_forms(model.eval()).to(cfg.MODEL.DEVICE)

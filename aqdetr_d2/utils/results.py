@@ -165,15 +165,16 @@ def rerun_table(rerun: dict, reference: dict, tolerance: float = 0.5) -> str:
 
 def zoo_table(entries: List[dict]) -> str:
     """Markdown table of model-zoo entries (docs/models/<name>/metrics.json of tools/zoo_entry.py)."""
-    lines = ["| model | arch | precision | AP | AP50 | AP75 | ORT AP | file MB | ORT latency vs float | weights |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | arch | precision | AP | AP50 | AP75 | integer AP | ORT AP | file MB | ORT latency vs float | weights |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(entries, key=lambda e: e["name"]):
         folder = f"docs/models/{e['name']}"
         onnx = e.get("onnx") or {}
         latency = (f"{onnx['latency_s'] * 1e3:.0f} / {onnx['float_latency_s'] * 1e3:.0f} ms "
                    f"({onnx['latency_s'] / onnx['float_latency_s']:.2f}x)") if onnx else "-"
         ort_ap = f"{onnx['AP']:.1f}" if "AP" in onnx else "-"
+        integer_ap = f"{e['integer']['AP']:.1f}" if "integer" in e else "-"
         lines.append(f"| [{e['name']}]({folder}/config.yaml) | {e['meta_architecture']} | {e['precision']} | "
-                     f"{e['AP']:.1f} | {e['AP50']:.1f} | {e['AP75']:.1f} | {ort_ap} | {e['model_mb']:.2f} | {latency} | "
+                     f"{e['AP']:.1f} | {e['AP50']:.1f} | {e['AP75']:.1f} | {integer_ap} | {ort_ap} | {e['model_mb']:.2f} | {latency} | "
                      f"[model.pth]({folder}/model.pth) |")
     return "\n".join(lines)

@@ -63,6 +63,10 @@ def run(args):
         weights = "" if cfg.MODEL.WEIGHTS == SCRATCH else cfg.MODEL.WEIGHTS
         checkpointer.resume_or_load(weights, resume=args.resume)
         initialize_quantizers(cfg, model)
+        if cfg.MODEL.QUANT.INTEGER_EVAL:
+            from aqdetr_d2.deploy import integer_model  # aqdetr_d2.deploy needs the optional onnx extra
+
+            model = integer_model(cfg, model)
         results = AQDETRTrainer.test(cfg, model)
         verify_results(cfg, results)
         return results

@@ -21,9 +21,9 @@ from torch import nn
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
-from aqdetr_d2.deploy import ExportError, ExportedDetector, export_onnx
+from aqdetr_d2.deploy import ExportError, ExportedDetector, export_onnx, integer_model
 from aqdetr_d2.deploy.int4 import pack_int4, widen_int4
-from aqdetr_d2.deploy.qdq import QuantizeDequantize, to_integer_forms
+from aqdetr_d2.deploy.qdq import QuantizeDequantize, bias_shift, to_integer_forms
 from aqdetr_d2.deploy.runtime import OnnxRuntimeDetector, ort_session
 from aqdetr_d2.quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantLinear
 
@@ -178,7 +178,10 @@ def test_conv_bias_takes_steps_finer_than_the_accumulator(weight_bits, tmp_path)
         exact = integer(x)
     trained_codes = qconv.weight_quantizer.quantize_to_int(qconv.weight.detach())[0]
     shift = next(k for k in range(8) if torch.equal(integer.codes.long(), trained_codes.long() * 2 ** k))
-    assert shift >= 2 and integer.codes.abs().max() <= 63
+    # 4-bit inputs (codes up to 15): every int16 pair sum stays far from its limit, so the codes
+    # grow as far as int8 allows (the next doubling would leave it).
+    widest = integer.codes.long().abs().max()
+    assert shift >= 3 and 64 <= widest <= 128
     bound = (integer.bias_scale / 2).view(1, -1, 1, 1) * 1.001 + 1e-5
     assert ((exact - expected).abs() <= bound).all()
 
@@ -199,6 +202,22 @@ def test_conv_bias_takes_steps_finer_than_the_accumulator(weight_bits, tmp_path)
     got = torch.from_numpy(ort_session(path, threads=1).run(None, {"x": x.numpy()})[0])
     assert (got - reference).abs().max() <= float(model[1].scale) * 1.0001
     assert (got != reference).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("input_max, codes, shift", [
+    (3, [-2, 1], 6),      # 2-bit weights and inputs: -128..64, the most widen_int4 multiplies by
+    (15, [-8, 7], 4),     # 4-bit: -128..112
+    (15, [-7, 8], 3),     # a batch-norm-negated channel: +8 * 16 would leave int8
+    (255, [-8, 7], 3),    # 8-bit inputs: -64..56, 255 x 64 x 2 pair sums still fit int16 without VNNI
+    (255, [-9, 7], 2),    # -72 would not
+    (135, [-1, 1], 6),    # signed inputs shifted into uint8 (up to 128 + 7): 121 x 135 x 2 fits
+])
+def test_bias_shift_keeps_codes_within_int8_and_int16_pair_sums(input_max, codes, shift):
+    codes = torch.tensor(codes, dtype=torch.int16)
+    assert bias_shift(codes, torch.zeros(1), input_max) == shift
+    widened = codes.int() * 2 ** shift
+    assert -128 <= widened.min() and widened.max() <= 127 and 2 * input_max * widened.abs().max() <= 32767
+    assert bias_shift(codes, torch.ones(1), input_max) == 0  # asymmetric codes are left as they are
 
 
 def test_lsq_plus_offset_is_refused_with_its_layer_name():
@@ -235,6 +254,12 @@ def outputs_at_each_size(model, path):
         for got, ref in zip(run_ort(path, image), expected):
             assert got.shape == ref.shape
             yield size, got, ref
+
+
+def test_integer_eval_of_a_float_model_is_refused():
+    cfg, model = _float("detr_fp32.yaml")
+    with pytest.raises(ExportError, match="INTEGER_EVAL needs a quantized model"):
+        integer_model(cfg, model)
 
 
 @pytest.mark.parametrize("config", ["detr_fp32.yaml", "deformable_detr_fp32.yaml"])

@@ -62,7 +62,8 @@ def test_export_tool_writes_an_integer_graph(exported):
     int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert int4, "4-bit weight codes are stored as INT4"
     # Two codes per byte on disk; widened, the same codes in int8 for the integer kernels, those of
-    # a convolution times 2^j for its finer bias steps (qdq.bias_shift), within +-63.
+    # a convolution times 2^j for its finer bias steps (qdq.bias_shift): with 4-bit inputs (codes
+    # up to 15, no int16 pair sum near its limit) as far as int8 allows.
     widened = {i.name: i for i in widen_int4(onnx.load(path)).graph.initializer}
     shifts = collections.Counter()
     for init in int4:
@@ -70,7 +71,7 @@ def test_export_tool_writes_an_integer_graph(exported):
         assert len(init.raw_data) == (codes.size + 1) // 2
         assert codes.dtype == np.int8 and stored.min() >= -8 and stored.max() <= 7
         shift = next(j for j in range(7) if np.array_equal(codes, stored * np.int8(2 ** j)))
-        assert shift == 0 or np.abs(codes).max() <= 63
+        assert shift == 0 or 64 <= np.abs(codes.astype(np.int16)).max() <= 128
         shifts[len(init.dims), shift > 0] += 1
     assert shifts[2, True] == 0 and shifts[4, True] > 0  # linear layers as stored; convolutions scaled up
 
@@ -90,7 +91,9 @@ def test_onnxruntime_ap_matches_eval_only(project_root, exported, small_val, tmp
     assert torch_ap > 10 and abs(ort_ap - torch_ap) < 1.5, (ort_ap, torch_ap)
 
     # tools/integer_gap.py: its fake-quantized row is --eval-only's AP, and its integer forms, which
-    # onnxruntime computes to float rounding, give onnxruntime's AP.
+    # onnxruntime computes to float rounding, give onnxruntime's AP. Not to the last digit: PyTorch
+    # sums a convolution in float32, QLinearConv in int32 exactly, so a value within float noise of
+    # a rounding boundary may take the neighbouring code (on these 24 images: 0.06 AP).
     gap = run(project_root, "tools/integer_gap.py", "--config-file", CONFIG, "--calibrate", "--row", "integer forms",
               "--row", "convolutions, float bias", *BACKBONE, *small_val, "MODEL.WEIGHTS", TEACHER, "SEED", "1",
               "OUTPUT_DIR", str(tmp_path / "gap"))
@@ -98,7 +101,14 @@ def test_onnxruntime_ap_matches_eval_only(project_root, exported, small_val, tmp
     rows = dict(re.findall(r"^(\S.*?)\s+AP\s+([\d.]+) ", gap.stdout, re.M))
     assert list(rows) == ["fake-quantized", "integer forms", "convolutions, float bias"], gap.stdout
     assert float(rows["fake-quantized"]) == pytest.approx(torch_ap, abs=0.006)
-    assert float(rows["integer forms"]) == pytest.approx(ort_ap, abs=0.006), (rows, ort_ap)
+    assert float(rows["integer forms"]) == pytest.approx(ort_ap, abs=0.15), (rows, ort_ap)
+
+    # MODEL.QUANT.INTEGER_EVAL: --eval-only computes the integer forms, as tools/integer_gap.py does.
+    integer_run = run(project_root, "projects/AQDETR/train_net.py", "--config-file", CONFIG, "--eval-only", *BACKBONE,
+                      *small_val, "MODEL.WEIGHTS", TEACHER, "SEED", "1", "MODEL.QUANT.INTEGER_EVAL", "True",
+                      "OUTPUT_DIR", str(tmp_path / "integer"))
+    assert integer_run.returncode == 0, integer_run.stderr[-3000:]
+    assert copypaste_ap(integer_run.stdout + integer_run.stderr) == pytest.approx(float(rows["integer forms"]), abs=0.006)
 
 
 def test_float_checkpoint_is_refused_without_calibrate(project_root, tmp_path):
@@ -135,11 +145,15 @@ def test_zoo_entry_evaluates_as_written_and_renders(project_root, small_val, tmp
     assert metrics["onnx"]["mb"] < metrics["onnx"]["float_mb"] / 3
     # onnxruntime's AP on the same 24 images, within the rounding flips of the test above.
     assert abs(metrics["onnx"]["AP"] - metrics["AP"]) < 1.5, (metrics["onnx"]["AP"], metrics["AP"])
+    # The integer forms in PyTorch (MODEL.QUANT.INTEGER_EVAL): onnxruntime's AP but for float32 sums.
+    assert metrics["integer"]["eval_command"] == metrics["eval_command"] + " MODEL.QUANT.INTEGER_EVAL True"
+    assert metrics["integer"]["AP"] == pytest.approx(metrics["onnx"]["AP"], abs=0.15)
     assert "TEACHER_WEIGHTS: ''" in (entry / "config.yaml").read_text()  # no path of this machine
     assert "[detr_w4a4_ptq](docs/models/detr_w4a4_ptq/config.yaml) | AQDETR | W4A4A4 |" in zoo_table([metrics])
 
-    # --refresh-onnx-ap measures the committed entry in onnxruntime again and changes nothing else.
-    stale = {**metrics, "onnx": {**metrics["onnx"], "AP": -1.0, "AP50": -1.0, "AP75": -1.0}}
+    # --refresh-onnx-ap measures the committed entry in onnxruntime and its integer forms again, and
+    # changes nothing else.
+    stale = {**metrics, "onnx": {**metrics["onnx"], "AP": -1.0, "AP50": -1.0, "AP75": -1.0}, "integer": {}}
     (entry / "metrics.json").write_text(json.dumps(stale))
     refresh = run(project_root, "tools/zoo_entry.py", "--name", "detr_w4a4_ptq", "--refresh-onnx-ap", "--root", str(tmp_path))
     assert refresh.returncode == 0, refresh.stderr[-3000:]
