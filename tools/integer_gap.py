@@ -11,6 +11,8 @@ noise, onnxruntime's; each row replaces one kind of layer, so the row that moves
     integer forms        every layer replaced (what the ONNX graph computes)
     convolutions         QuantConv2d only: batch norm folded, int32 bias at the accumulator's step
     convolutions, float bias   as above with the exact float bias (what rounding the bias costs)
+    convolutions, jittered bias 1 / 2   the exact bias plus uniform noise within +-half its int32 step
+                         (two draws): how far a change of the rounding's size moves AP at random
     linear layers        QuantLinear only
     quantizers           the remaining activation / attention quantizers only
 
@@ -20,6 +22,7 @@ command.
 import argparse
 import copy
 import sys
+import zlib
 
 import torch
 from detectron2.utils.logger import setup_logger
@@ -40,12 +43,28 @@ class FloatBiasConv(qdq.DequantConv2d):
         self.bias_codes = None
 
 
+class JitteredBiasConv(FloatBiasConv):
+    """As FloatBiasConv, its bias moved by uniform noise within +-half its int32 step: a change as
+    large as the rounding's, at random. How far AP moves under it is the model's sensitivity to
+    the rounding, against which the int32 row's difference can be judged."""
+
+    def __init__(self, module, name, seed: int):
+        super().__init__(module, name)
+        if hasattr(self, "bias_scale"):
+            # A draw per layer and seed (CPU generators keep 32 bits of a seed: hash both into them).
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed} {name}".encode()))
+            noise = torch.rand(self.bias.shape, generator=generator) - 0.5
+            self.bias += noise.to(self.bias) * self.bias_scale
+
+
 # Row -> which fake-quantized layers are replaced, and by what (None: `qdq`'s own form).
 ROWS = {
     "fake-quantized": {},
     "integer forms": {QuantConv2d: None, QuantLinear: None, QuantizerBase: None},
     "convolutions": {QuantConv2d: None},
     "convolutions, float bias": {QuantConv2d: FloatBiasConv},
+    "convolutions, jittered bias 1": {QuantConv2d: lambda module, name: JitteredBiasConv(module, name, seed=1)},
+    "convolutions, jittered bias 2": {QuantConv2d: lambda module, name: JitteredBiasConv(module, name, seed=2)},
     "linear layers": {QuantLinear: None},
     "quantizers": {QuantizerBase: None},
 }
@@ -95,7 +114,7 @@ def main(argv=None):
             results[row] = AQDETRTrainer.test(cfg, replace(copy.deepcopy(model), ROWS[row]))["bbox"]
     print(f"Command: python tools/integer_gap.py {' '.join(sys.argv[1:])}")
     for row, bbox in results.items():
-        print(f"{row:26s} AP {bbox['AP']:6.2f}  AP50 {bbox['AP50']:6.2f}  AP75 {bbox['AP75']:6.2f}  "
+        print(f"{row:30s} AP {bbox['AP']:6.2f}  AP50 {bbox['AP50']:6.2f}  AP75 {bbox['AP75']:6.2f}  "
               f"vs fake-quantized {bbox['AP'] - results['fake-quantized']['AP']:+.2f}")
 
 

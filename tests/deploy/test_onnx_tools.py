@@ -95,11 +95,12 @@ def test_onnxruntime_ap_matches_eval_only(project_root, exported, small_val, tmp
     # sums a convolution in float32, QLinearConv in int32 exactly, so a value within float noise of
     # a rounding boundary may take the neighbouring code (on these 24 images: 0.06 AP).
     gap = run(project_root, "tools/integer_gap.py", "--config-file", CONFIG, "--calibrate", "--row", "integer forms",
-              "--row", "convolutions, float bias", *BACKBONE, *small_val, "MODEL.WEIGHTS", TEACHER, "SEED", "1",
-              "OUTPUT_DIR", str(tmp_path / "gap"))
+              "--row", "convolutions, float bias", "--row", "convolutions, jittered bias 1", *BACKBONE, *small_val,
+              "MODEL.WEIGHTS", TEACHER, "SEED", "1", "OUTPUT_DIR", str(tmp_path / "gap"))
     assert gap.returncode == 0, gap.stderr[-3000:]
     rows = dict(re.findall(r"^(\S.*?)\s+AP\s+([\d.]+) ", gap.stdout, re.M))
-    assert list(rows) == ["fake-quantized", "integer forms", "convolutions, float bias"], gap.stdout
+    assert list(rows) == ["fake-quantized", "integer forms", "convolutions, float bias",
+                          "convolutions, jittered bias 1"], gap.stdout
     assert float(rows["fake-quantized"]) == pytest.approx(torch_ap, abs=0.006)
     assert float(rows["integer forms"]) == pytest.approx(ort_ap, abs=0.15), (rows, ort_ap)
 
