@@ -21,6 +21,7 @@ command.
 """
 import argparse
 import copy
+import functools
 import sys
 import zlib
 
@@ -63,8 +64,8 @@ ROWS = {
     "integer forms": {QuantConv2d: None, QuantLinear: None, QuantizerBase: None},
     "convolutions": {QuantConv2d: None},
     "convolutions, float bias": {QuantConv2d: FloatBiasConv},
-    "convolutions, jittered bias 1": {QuantConv2d: lambda module, name: JitteredBiasConv(module, name, seed=1)},
-    "convolutions, jittered bias 2": {QuantConv2d: lambda module, name: JitteredBiasConv(module, name, seed=2)},
+    **{f"convolutions, jittered bias {seed}": {QuantConv2d: functools.partial(JitteredBiasConv, seed=seed)}
+       for seed in (1, 2)},
     "linear layers": {QuantLinear: None},
     "quantizers": {QuantizerBase: None},
 }

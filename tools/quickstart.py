@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from aqdetr_d2.config import load_config
 from aqdetr_d2.experiments.runs import (ROOT, evaluated_metrics, final_metrics, finished, logged_evaluation,
                                         record_minutes, run_logged, run_numerics, share_cores, stage, train_net)
 from aqdetr_d2.experiments.ablation_table import (control_rows, interpolated_name, mean_over_seeds, previous_minutes,
@@ -56,8 +57,6 @@ def check_teacher(path: str):
 
 def write_teacher_config(arch: str, opts, path: str) -> str:
     """The teacher's full config as one YAML file: train_net trains it, the distiller rebuilds it."""
-    from aqdetr_d2.config import load_config
-
     cfg = load_config(os.path.join(ROOT, ARCHS[arch]["teacher"]), opts, freeze=False)
     with open(path, "w") as f:
         f.write(cfg.dump())
@@ -75,7 +74,6 @@ def size_and_ops(config: str, opts):
     """Q-DETR-accounting model size (MB) and GOPs of the student at one 128x128 image."""
     from detectron2.modeling import build_model
 
-    from aqdetr_d2.config import load_config
     from aqdetr_d2.modeling import meta_arch_class
     from aqdetr_d2.quant.report import model_report
 
@@ -275,8 +273,6 @@ def fine_tune(args, key: str, seed: int, progress: str, setting: tuple, retraine
     run_dir = fine_tune_dir(args, key, seed)
     committed = None
     if args.runs_from and not (args.resume and finished(run_dir, iters)):
-        from aqdetr_d2.config import load_config
-
         expected = load_config(os.path.join(ROOT, config), [*opts, "SEED", str(seed)]).dump()
         committed = committed_run(args.runs_from, os.path.basename(run_dir), expected)
     if committed is not None:
@@ -318,8 +314,6 @@ def variant_run(args, key: str, student_cfg: str, common):
     tools/sweep.py picked for it in `--configs` when there is one (it holds the schedule and the
     method's settings; only the checkpoint period, SEED, OUTPUT_DIR and --opts are added), else the
     student config with the quickstart's schedule."""
-    from aqdetr_d2.config import load_config
-
     picked = os.path.join(ROOT, args.configs, f"{args.arch}_{args.precision}_{key}.yaml")
     if os.path.exists(picked):
         config = os.path.relpath(os.path.abspath(picked), ROOT)

@@ -66,6 +66,13 @@ def onnx_ap(config_path: str, onnx_path: str):
     return copypaste_ap(run("tools/eval_onnx.py", "--config-file", config_path, "--onnx", onnx_path), onnx_path)
 
 
+def entry_eval_command(rel: str) -> list:
+    """The `train_net.py --eval-only` arguments of the entry in folder `rel` (relative to the
+    project root), as its metrics.json records them."""
+    return ["projects/AQDETR/train_net.py", "--eval-only", "--config-file", f"{rel}/config.yaml",
+            "MODEL.WEIGHTS", f"{rel}/model.pth"]
+
+
 def integer_ap(eval_command) -> dict:
     """AP, AP50, AP75 and the command of `eval_command` (train_net.py --eval-only) with
     MODEL.QUANT.INTEGER_EVAL: the integer forms that the ONNX export writes, in PyTorch."""
@@ -82,12 +89,11 @@ def refresh_onnx_ap(entry: str):
         raise UserInputError(f"{entry} is not a zoo entry (no metrics.json): make it first, without --refresh-onnx-ap")
     with open(path) as f:
         metrics = json.load(f)
+    rel = os.path.relpath(entry, ROOT)
     with tempfile.TemporaryDirectory() as tmp:
-        ap = onnx_ap(os.path.join(os.path.relpath(entry, ROOT), "config.yaml"), os.path.join(tmp, "quantized.onnx"))
+        ap = onnx_ap(f"{rel}/config.yaml", os.path.join(tmp, "quantized.onnx"))
     metrics["onnx"].update(AP=ap[0], AP50=ap[1], AP75=ap[2])
-    config_path = os.path.join(os.path.relpath(entry, ROOT), "config.yaml")
-    metrics["integer"] = integer_ap(["projects/AQDETR/train_net.py", "--eval-only", "--config-file", config_path,
-                                     "MODEL.WEIGHTS", os.path.join(os.path.relpath(entry, ROOT), "model.pth")])
+    metrics["integer"] = integer_ap(entry_eval_command(rel))
     with open(path, "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2))
@@ -129,8 +135,7 @@ def main(argv=None):
     cfg.merge_from_list(training_only)
     with open(config_path, "w") as f:
         f.write(cfg.dump())
-    eval_command = ["projects/AQDETR/train_net.py", "--eval-only", "--config-file", config_path,
-                    "MODEL.WEIGHTS", model_path]
+    eval_command = entry_eval_command(rel)
     ap, ap50, ap75 = copypaste_ap(run(*eval_command), config_path)
 
     size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST * 4 // 3)
