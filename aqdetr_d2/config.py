@@ -72,6 +72,7 @@ def add_aqdetr_config(cfg: CN) -> None:
     cfg.MODEL.QUANT.INT8_PATTERNS = []  # module-name globs quantized at >= 8 bit (e.g. the stem conv)
     cfg.MODEL.QUANT.CALIB_BATCHES = 1  # batches that initialise step sizes before training / PTQ eval
     cfg.MODEL.QUANT.LEARN_FROZEN_STEP_SIZES = True  # also train step sizes of frozen layers (FREEZE_AT); backward runs through them
+    cfg.MODEL.QUANT.INTEGER_BIAS = False  # convs fold frozen batch norms and round biases to int32 steps, as exported (train and eval)
     cfg.MODEL.QUANT.INTEGER_EVAL = False  # --eval-only computes as the ONNX export does (batch norm folded, int32 conv bias)
 
     # Auxiliary queries (H-DETR hybrid matching / Group-DETR): training-only decoder queries that

@@ -49,7 +49,7 @@ def _zero(name: str, producers: dict, initializers: dict) -> bool:
 
 def _int4_shift(codes: np.ndarray):
     """The largest j for which `codes` / 2^j are integers within [-8, 7] (the codes of a
-    convolution scaled up by 2^j for its bias: `qdq.bias_shift`), or None."""
+    convolution scaled up by 2^j for its bias: `integer_bias.bias_shift`), or None."""
     for shift in reversed(range(7)):
         if codes.min() >= -8 << shift and codes.max() <= 7 << shift and not (codes % (1 << shift)).any():
             return shift
@@ -100,7 +100,7 @@ def _constant(name: str, producers: dict, initializers: dict):
 
 def _bias_shift(conv: onnx.NodeProto, producers: dict, initializers: dict) -> int:
     """k where the int32 bias of `conv` (DequantizeLinear inputs) is in steps 2^k finer than its
-    input step times its weight step (`qdq.bias_shift`), else 0."""
+    input step times its weight step (`integer_bias.bias_shift`), else 0."""
     dequantized = [producers.get(_source(producers, i)) for i in conv.input[:3]]
     if len(conv.input) < 3 or any(n is None or n.op_type != "DequantizeLinear" for n in dequantized):
         return 0

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError
 from ..quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantizerBase, QuantLinear
+from ..quant.integer_bias import UINT8_SHIFT, conv_bias_layout, frozen_norm_affine
 
 
 class ExportError(UserInputError, ValueError):
@@ -82,9 +83,6 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
-_UINT8_SHIFT = 128
-
-
 def _uint8_shifted(quantizer: QuantizerBase, weight: bool) -> bool:
     """Signed per-tensor activation codes ride in uint8, shifted by 128: x86 integer kernels
     take unsigned activations, and ONNX Runtime only converts int8 Q / DQ pairs that are
@@ -111,7 +109,7 @@ def _integer_qparams(quantizer: QuantizerBase, name: str, weight: bool = False):
     else:
         raise ExportError(f"{name}: no ONNX form for {type(quantizer).__name__}")
     shifted = _uint8_shifted(quantizer, weight)
-    zero_point = (zero_point.round() + (_UINT8_SHIFT if shifted else 0)).to(
+    zero_point = (zero_point.round() + (UINT8_SHIFT if shifted else 0)).to(
         torch.uint8 if shifted or not quantizer.signed else torch.int8)
     if quantizer.per_tensor:
         return scale.reshape(()).clone(), zero_point.reshape(()).clone()
@@ -126,7 +124,7 @@ class QuantizeDequantize(nn.Module):
         scale, zero_point = _integer_qparams(quantizer, name)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
-        shift = _UINT8_SHIFT if _uint8_shifted(quantizer, weight=False) else 0
+        shift = UINT8_SHIFT if _uint8_shifted(quantizer, weight=False) else 0
         self.qmin, self.qmax = quantizer.qmin + shift, quantizer.qmax + shift
         self.ch_axis = None if quantizer.per_tensor else quantizer.ch_axis
 
@@ -190,38 +188,6 @@ class DequantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _norm_affine(norm: Optional[nn.Module]):
-    """(scale, shift) per channel of an inference-time batch norm, or None if there is none that folds."""
-    if norm is not None and all(hasattr(norm, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")) and not norm.training:
-        scale = norm.weight.detach() * (norm.running_var.detach() + norm.eps).rsqrt()
-        return scale, norm.bias.detach() - norm.running_mean.detach() * scale
-    return None
-
-
-# onnxruntime's u8 x s8 kernels on CPUs without VNNI add products in pairs in int16: input code
-# times weight code, twice, must stay within this.
-_INT16_MAX = 32767
-# The most `bias_shift` scales codes up: widen_int4 multiplies int8 codes by 2^k in int8.
-_MAX_BIAS_SHIFT = 6
-
-
-def bias_shift(codes: Tensor, zero_point: Tensor, input_max: int) -> int:
-    """k >= 0 such that the weight codes times 2^k stay int8 and, times the largest uint8 input
-    code `input_max`, within the int16 pair sums of onnxruntime's kernels on CPUs without VNNI.
-    An integer convolution's weight codes are multiplied by 2^k and their steps divided by 2^k
-    (the same weights exactly), so that its int32 bias, in steps of the input step times the
-    weight step, is 2^k times finer. 0 for codes with zero points (asymmetric)."""
-    if bool(zero_point.any()) or not bool(codes.any()):
-        return 0
-    bound = _INT16_MAX // (2 * max(input_max, 1))
-    low, high = -min(bound, 128), min(bound, 127)
-    shift = 0
-    smallest, largest = int(codes.min()), int(codes.max())
-    while shift < _MAX_BIAS_SHIFT and low <= smallest << (shift + 1) and largest << (shift + 1) <= high:
-        shift += 1
-    return shift
-
-
 class DequantConv2d(nn.Module):
     """y = act(Conv(DQ(x), DQ(codes), bias)), with an inference batch norm folded in.
 
@@ -238,10 +204,10 @@ class DequantConv2d(nn.Module):
         if module.padding_mode != "zeros":
             raise ExportError(f"{name}: padding_mode {module.padding_mode!r} has no ONNX Conv form; use 'zeros'")
         channels = module.out_channels
-        affine = _norm_affine(module.norm)
+        affine = frozen_norm_affine(module.norm)
         self.norm = module.norm if affine is None else None  # a norm that does not fold runs after the conv
         zeros = module.weight.new_zeros(channels)
-        norm_scale, norm_shift = affine or (zeros + 1, zeros)
+        norm_scale, norm_shift = (zeros + 1, zeros) if affine is None else (t.detach() for t in affine)
         bias = zeros if module.bias is None else module.bias.detach()
         self.register_buffer("bias", bias * norm_scale + norm_shift)
         self.activation = module.activation
@@ -250,30 +216,29 @@ class DequantConv2d(nn.Module):
         if packed is None:
             self.register_buffer("weight", module.weight.detach() * norm_scale.view(-1, 1, 1, 1))
             self.codes = None
-        else:
-            codes, scale, zero_point = packed
-            negative = norm_scale < 0
-            if bool(negative.any()) and bool(zero_point.any()):
-                raise ExportError(f"{name}: a negative batch-norm scale cannot fold into asymmetric weight codes")
-            if bool((codes[negative] == -128).any()):
-                raise ExportError(f"{name}: an 8-bit weight code -128 in a channel whose batch-norm scale is negative "
-                                  "has no int8 negation; export this layer with MODEL.QUANT.KEEP_FP_PATTERNS")
-            sign = torch.where(negative, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
-            codes, scale = codes.to(torch.int16) * sign, scale * norm_scale.abs()
-            if isinstance(self.input_quant, QuantizeDequantize) and self.input_quant.ch_axis is None:
-                # The int32 bias of an integer convolution (as ONNX Runtime's WeightBiasQuantization
-                # would round it), rounded here so that the graph states it exactly. Its step is the
-                # input step times the weight step: at 2 bits so coarse that rounding to it moved
-                # outputs by up to 4% of their range, hence codes scaled up by 2^k (`bias_shift`);
-                # a 2-bit DETR still lost 0.4 AP at 2^4 finer, 0.2 at 2^6.
-                shift = bias_shift(codes, zero_point, self.input_quant.qmax)
-                codes, scale = codes * 2 ** shift, scale / 2 ** shift
-                bias_scale = self.input_quant.scale * scale
-                self.register_buffer("bias_scale", bias_scale)
-                self.register_buffer("bias_codes", torch.round(self.bias / bias_scale).to(torch.int32))
-            self.register_buffer("codes", codes.to(torch.int8))
-            self.register_buffer("scale", scale)
-            self.register_buffer("zero_point", zero_point)
+            return
+        codes, scale, zero_point = packed
+        negative = norm_scale < 0
+        if bool(negative.any()) and bool(zero_point.any()):
+            raise ExportError(f"{name}: a negative batch-norm scale cannot fold into asymmetric weight codes")
+        if bool((codes[negative] == -128).any()):
+            raise ExportError(f"{name}: an 8-bit weight code -128 in a channel whose batch-norm scale is negative "
+                              "has no int8 negation; export this layer with MODEL.QUANT.KEEP_FP_PATTERNS")
+        sign = torch.where(negative, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
+        codes, scale = codes.to(torch.int16) * sign, scale * norm_scale.abs()
+        layout = conv_bias_layout(module, norm_scale)
+        if layout is not None:
+            # The int32 bias of an integer convolution (as ONNX Runtime's WeightBiasQuantization
+            # would round it), rounded here so that the graph states it exactly, in steps 2^k
+            # finer than the input step times the weight step (the codes 2^k larger): at 2 bits
+            # the coarse steps moved a DETR by 0.4 AP at 2^4, 0.2 at 2^6 (integer_bias.py).
+            shift, codes, bias_scale = layout
+            scale = scale / 2 ** shift
+            self.register_buffer("bias_scale", bias_scale)
+            self.register_buffer("bias_codes", torch.round(self.bias / bias_scale).to(torch.int32))
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.codes is None:

@@ -71,7 +71,7 @@ def quant_config_from_cfg(cfg, model: nn.Module, layout: QuantLayout) -> Optiona
         learnable_offset=q.LEARNABLE_OFFSET, conv_patterns=selected, linear_patterns=selected,
         attn_patterns=selected, keep_fp_patterns=keep_fp, int8_patterns=_present(layout.at_least_8bit, names) + list(q.INT8_PATTERNS),
         unsigned_act_patterns=_present(layout.unsigned_inputs, names), attn_per_head=q.ATTN_PER_HEAD,
-        attn_prob_init=q.ATTN_PROB_INIT)
+        attn_prob_init=q.ATTN_PROB_INIT, integer_bias=q.INTEGER_BIAS)
 
 
 def fix_frozen_layer_step_sizes(model: nn.Module) -> nn.Module:

@@ -89,6 +89,15 @@ class QuantizerBase(nn.Module):
     def per_tensor(self) -> bool:
         return self.granularity == "tensor"
 
+    @property
+    def quantizing(self) -> bool:
+        """Whether forward quantizes: enabled, initialised and not calibrating."""
+        return self.enabled and self._ready and not self._calibrating
+
+    def step_size(self) -> torch.Tensor:
+        """Step sizes, (C,) (C = 1 per tensor), as `quantize_to_int` returns them."""
+        return self.scale
+
     def _qparam_shape(self, num_channels: Optional[int]) -> Tuple[int]:
         # A per-channel quantizer whose channel count is unknown starts with an empty tensor,
         # sized in place on first use or by load_state_dict. Pass num_channels for DDP, which

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from typing import Dict, List, Sequence, Tuple
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import QUANT_POINTS, point_quantizer
 from .modules import QuantConv2d, QuantLinear
@@ -56,6 +57,8 @@ class QuantConfig:
         attn_per_head: one step size per head for attention tensors, else one per tensor.
         attn_prob_init: LSQ step-size initialisation of the softmax outputs (attention
             probabilities, deformable attention weights): "lsq" (the LSQ rule) or "mse".
+        integer_bias: quantized convolutions fold their frozen batch norm and round their bias
+            as their integer (ONNX) form does (`QuantConv2d.integer_bias`).
     """
 
     weight_bits: int = 4
@@ -71,6 +74,7 @@ class QuantConfig:
     unsigned_act_patterns: Sequence[str] = ()
     attn_per_head: bool = True
     attn_prob_init: str = "lsq"
+    integer_bias: bool = False
 
     def __post_init__(self):
         check_bits(self.weight_bits, "WEIGHT_BITS")
@@ -194,8 +198,17 @@ def _quantize_layer(module: nn.Module, names: List[str], qcfg: QuantConfig) -> n
         signed=not selects(names, qcfg.unsigned_act_patterns),
         granularity="tensor",
     ).to(device)
-    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    return cls.from_float(module, w_quantizer, a_quantizer)
+    if not isinstance(module, nn.Conv2d):
+        return QuantLinear.from_float(module, w_quantizer, a_quantizer)
+    conv = QuantConv2d.from_float(module, w_quantizer, a_quantizer)
+    if qcfg.integer_bias:
+        norm = getattr(module, "norm", None)
+        if isinstance(norm, _BatchNorm):
+            raise ValueError(f"{names[0]}: MODEL.QUANT.INTEGER_BIAS folds batch norms into convolutions in "
+                             f"training, which needs frozen statistics, not a {type(norm).__name__}; use "
+                             "FrozenBN (MODEL.RESNETS.NORM 'FrozenBN') or INTEGER_BIAS False")
+        conv.integer_bias = True
+    return conv
 
 
 def _quantize_point(parent: nn.Module, point: str, names: List[str], qcfg: QuantConfig) -> nn.Module:

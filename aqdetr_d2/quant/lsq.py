@@ -189,7 +189,7 @@ class LSQQuantizer(QuantizerBase):
     def quantize_to_int(self, x):
         self._check_enabled()
         self._ensure_initialized(x)
-        scale = self.scale.clamp_min(self.eps)
+        scale = self.step_size()
         offset = None if self.offset is None else self._view(self.offset, x)
         codes = _scaled(x, self._view(scale, x), offset).round_().clamp_(self.qmin, self.qmax)
         if self.offset is None:
@@ -198,6 +198,9 @@ class LSQQuantizer(QuantizerBase):
             # Not an integer: deployment folds offset = -zero_point * scale into the next bias.
             zero_point = -self.offset / scale
         return codes.to(self._code_dtype()), scale, zero_point
+
+    def step_size(self):
+        return self.scale.clamp_min(self.eps)
 
     def extra_repr(self):
         return (super().extra_repr() + (", learnable_offset=True" if self.learnable_offset else "")

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .integer_bias import integer_bias_conv
+
 
 def _versions(tensors):
     return tuple((t.data_ptr(), t._version) for t in tensors)
@@ -95,7 +97,11 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
 
     x: (N, C_in, H, W) -> y: (N, C_out, H', W'). `norm` and `activation` are optional, as in
     Detectron2's `Conv2d`, whose conversions keep them (and so its `norm.*` parameters).
+    With `integer_bias` True the frozen norm is folded in and the bias rounded to the steps
+    of the conv's int32 accumulator, as in its ONNX export (`integer_bias.py`).
     """
+
+    integer_bias = False
 
     def __init__(
         self,
@@ -137,9 +143,13 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         return qmodule.train(module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._conv_forward(self.input_quantizer(x), self._quantized_weight(), self.bias)
-        if self.norm is not None:
-            x = self.norm(x)
+        x, weight = self.input_quantizer(x), self._quantized_weight()
+        if self.integer_bias:
+            x = integer_bias_conv(self, x, weight)
+        else:
+            x = self._conv_forward(x, weight, self.bias)
+            if self.norm is not None:
+                x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x

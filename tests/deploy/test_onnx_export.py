@@ -23,9 +23,10 @@ from detectron2.modeling import build_model
 
 from aqdetr_d2.deploy import ExportError, ExportedDetector, export_onnx, integer_model
 from aqdetr_d2.deploy.int4 import pack_int4, widen_int4
-from aqdetr_d2.deploy.qdq import QuantizeDequantize, bias_shift, to_integer_forms
+from aqdetr_d2.deploy.qdq import QuantizeDequantize, to_integer_forms
 from aqdetr_d2.deploy.runtime import OnnxRuntimeDetector, ort_session
 from aqdetr_d2.quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantLinear
+from aqdetr_d2.quant.integer_bias import bias_shift
 
 from quant.test_export import _quantized, images  # tests/ is on pytest's pythonpath
 

@@ -62,7 +62,7 @@ def test_export_tool_writes_an_integer_graph(exported):
     int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert int4, "4-bit weight codes are stored as INT4"
     # Two codes per byte on disk; widened, the same codes in int8 for the integer kernels, those of
-    # a convolution times 2^j for its finer bias steps (qdq.bias_shift): with 4-bit inputs (codes
+    # a convolution times 2^j for its finer bias steps (integer_bias.bias_shift): with 4-bit inputs (codes
     # up to 15, no int16 pair sum near its limit) as far as int8 allows.
     widened = {i.name: i for i in widen_int4(onnx.load(path)).graph.initializer}
     shifts = collections.Counter()

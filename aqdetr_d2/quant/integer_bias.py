@@ -1,0 +1,119 @@
+"""
+The int32 bias of an integer convolution, and training with it.
+
+An integer convolution (ONNX Runtime's QLinearConv) adds its bias, with a frozen batch norm
+folded in, to the int32 accumulator of input codes times weight codes: the bias is rounded to
+steps of input step x weight step. At 2 bits those steps are so coarse that the rounding moves
+outputs by percents of their range; the export scales the weight codes up by 2^k (`bias_shift`)
+to make the steps 2^k finer, but a 2-bit DETR still moved by 0.2 to 0.9 AP under it. With
+`QuantConv2d.integer_bias` (MODEL.QUANT.INTEGER_BIAS) the fake-quantized convolution adds that
+same rounded bias (straight-through in backward), so training sees the deployed arithmetic and
+`--eval-only` computes what ONNX Runtime computes, up to float rounding.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .base import QuantizerBase
+
+# Signed per-tensor activation codes ride in uint8 in the export, shifted by this much (x86
+# integer kernels take unsigned activations; deploy/qdq.py).
+UINT8_SHIFT = 128
+# onnxruntime's u8 x s8 kernels on CPUs without VNNI add products in pairs in int16: input code
+# times weight code, twice, must stay within this.
+_INT16_MAX = 32767
+# The most `bias_shift` scales codes up: the export's widen_int4 multiplies int8 codes by 2^k.
+MAX_BIAS_SHIFT = 6
+
+
+def bias_shift(codes: Tensor, zero_point: Tensor, input_max: int) -> int:
+    """k >= 0 such that the weight codes times 2^k stay int8 and, times the largest uint8 input
+    code `input_max`, within the int16 pair sums of onnxruntime's kernels on CPUs without VNNI.
+    An integer convolution's weight codes are multiplied by 2^k and their steps divided by 2^k
+    (the same weights exactly), so that its int32 bias, in steps of the input step times the
+    weight step, is 2^k times finer. 0 for codes with zero points (asymmetric)."""
+    if bool(zero_point.any()) or not bool(codes.any()):
+        return 0
+    bound = _INT16_MAX // (2 * max(input_max, 1))
+    low, high = -min(bound, 128), min(bound, 127)
+    shift = 0
+    smallest, largest = int(codes.min()), int(codes.max())
+    while shift < MAX_BIAS_SHIFT and low <= smallest << (shift + 1) and largest << (shift + 1) <= high:
+        shift += 1
+    return shift
+
+
+def input_code_max(quantizer: QuantizerBase) -> int:
+    """The largest uint8 code of a per-tensor activation quantizer in the export."""
+    return quantizer.qmax + (UINT8_SHIFT if quantizer.signed else 0)
+
+
+def frozen_norm_affine(norm: Optional[nn.Module]) -> Optional[Tuple[Tensor, Tensor]]:
+    """(scale, shift), each (C,), of a batch norm whose statistics are fixed (Detectron2's
+    FrozenBatchNorm2d, or any batch norm in eval mode), so that it folds into the convolution
+    before it; None when there is none, or its statistics are still being updated."""
+    if norm is None or not all(hasattr(norm, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")):
+        return None
+    if isinstance(norm, _BatchNorm) and norm.training:
+        return None
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    return scale, norm.bias - norm.running_mean * scale
+
+
+def conv_bias_layout(conv: nn.Module, norm_scale: Tensor) -> Optional[Tuple[int, Tensor, Tensor]]:
+    """How the integer form of QuantConv2d `conv` holds its bias, or None where the bias stays
+    float (the input not quantized per tensor, or the weight not quantized).
+
+    norm_scale: (C_out,) scale of the batch norm folded into the conv (ones if none).
+    Returns (k, codes, step): the weight codes, (C_out, C_in, kh, kw) int16, with their signs
+    flipped where norm_scale < 0 and times 2^k (`bias_shift`); the bias step (C_out,), input
+    step x weight step x |norm_scale| / 2^k, which is also the integer weight codes' step
+    divided by the input step.
+    """
+    x_quant, w_quant = conv.input_quantizer, conv.weight_quantizer
+    if not (isinstance(x_quant, QuantizerBase) and x_quant.enabled and x_quant.per_tensor
+            and isinstance(w_quant, QuantizerBase) and w_quant.enabled):
+        return None
+    codes, w_step, zero_point = w_quant.quantize_to_int(conv.weight.detach())
+    sign = torch.where(norm_scale < 0, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
+    codes = codes.to(torch.int16) * sign
+    shift = bias_shift(codes, zero_point, input_code_max(x_quant))
+    # In the order the export computes the integer weights' steps, then the bias's.
+    step = x_quant.step_size().reshape(()) * (w_step.reshape(-1) * norm_scale.abs() / 2 ** shift)
+    return shift, codes * 2 ** shift, step
+
+
+class _RoundToStep(torch.autograd.Function):
+    """round(x / step) * step; straight through in backward (to x only: the step is a given)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor) -> Tensor:
+        return torch.round(x / step) * step
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def integer_bias_conv(conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """conv(x, weight) with `conv`'s frozen batch norm folded in and its bias rounded as its
+    integer form rounds it. x: (N, C_in, H, W), already quantized; weight: the fake-quantized
+    weight (C_out, C_in, kh, kw). Returns (N, C_out, H', W') before the activation; where the
+    bias stays float (`conv_bias_layout` None) exactly conv -> norm."""
+    affine = frozen_norm_affine(conv.norm)
+    if affine is None and conv.norm is not None:
+        raise ValueError(f"integer_bias needs a frozen batch norm to fold, not a {type(conv.norm).__name__} "
+                         "that is updating its statistics (use FrozenBN, e.g. MODEL.RESNETS.NORM 'FrozenBN')")
+    zeros = weight.new_zeros(weight.shape[0])
+    norm_scale, norm_shift = affine or (zeros + 1, zeros)
+    layout = None
+    if getattr(conv.input_quantizer, "quantizing", False):
+        layout = conv_bias_layout(conv, norm_scale.detach())
+    y = conv._conv_forward(x, weight, None if layout is not None else conv.bias)
+    if layout is None:
+        return y if conv.norm is None else conv.norm(y)
+    bias = norm_shift if conv.bias is None else conv.bias * norm_scale + norm_shift
+    bias = _RoundToStep.apply(bias, layout[2].detach())
+    return y * norm_scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
