@@ -124,6 +124,9 @@ def bench_architecture(arch, configs, device, repeats, workdir):
     # What the fused quantizer kernels save, in the same run.
     variants.append((f"{arch} LSQ W4A4A4, eager fake-quant ops", configs[1], ["MODEL.WEIGHTS", teacher_weights],
                      fused.eager_ops))
+    # What training on the export's int32 conv bias costs (weight codes and bias steps every step).
+    variants.append((f"{arch} LSQ W4A4A4, MODEL.QUANT.INTEGER_BIAS", configs[1],
+                     ["MODEL.WEIGHTS", teacher_weights, "MODEL.QUANT.INTEGER_BIAS", "True"], contextlib.nullcontext))
     subjects = [_subject(path, device, opts, context) for _, path, opts, context in variants]
     times = train_and_eval_times(subjects, device, repeats, repeats * 4)
     rows = [{"model": name, "config": path, "options": list(opts), **t}

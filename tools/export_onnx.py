@@ -16,7 +16,7 @@ False, the baseline, from a checkpoint that holds float weights. The graph
     image (1, 3, H, W) float32, dynamic H, W   ->   pred_logits (1, Q, C), pred_boxes (1, Q, 4)
 
 The tool then checks the file with onnx.checker, runs it once in ONNX Runtime against the
-PyTorch model on a test-sized image, and prints the integer kernels ONNX Runtime made of it.
+PyTorch model on the first test image, and prints the integer kernels ONNX Runtime made of it.
 """
 import argparse
 import collections
@@ -27,11 +27,13 @@ import tempfile
 import onnx
 import torch
 
+from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 
 from aqdetr_d2.checkpoint import AQDETRCheckpointer
 from aqdetr_d2.checkpoint.safe_load import load_torch_weights
 from aqdetr_d2.config import load_config
+from aqdetr_d2.data import DetrDatasetMapper
 from aqdetr_d2.deploy import export_onnx
 from aqdetr_d2.deploy.runtime import INTEGER_OPS, ort_session
 from aqdetr_d2.engine import AQDETRTrainer, initialize_quantizers
@@ -48,6 +50,20 @@ def optimized_op_counts(path: str) -> collections.Counter:
         optimized = os.path.join(tmp, "optimized.onnx")
         ort_session(path, optimized_model_filepath=optimized)
         return collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+
+
+def check_image(cfg, size: int):
+    """(1, 3, H, W) image for the check after export, and what it is: the first image of
+    DATASETS.TEST as the test mapper gives it or, where that set cannot be read here, random
+    pixels. On random pixels, far from any training image, a code that rounds the other way at
+    a boundary changes much of what follows it."""
+    try:
+        record = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
+        image = DetrDatasetMapper(cfg, is_train=False)(record)["image"]
+        return image.float()[None], f"the first image of {cfg.DATASETS.TEST[0]}"
+    except Exception as e:  # noqa: BLE001 -- only which image the check uses depends on it
+        test_set = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "DATASETS.TEST"
+        return torch.rand(1, 3, size, size * 4 // 3) * 255, f"random pixels ({test_set} unreadable here: {type(e).__name__})"
 
 
 def main(argv=None):
@@ -80,7 +96,8 @@ def main(argv=None):
     initialize_quantizers(cfg, model)
     model.eval()
     size = cfg.INPUT.MIN_SIZE_TEST
-    example = torch.rand(1, 3, size, size * 4 // 3) * 255
+    # Traced at one size, checked below on a test image of (usually) another: H and W are dynamic.
+    example = torch.rand(1, 3, size + 16, size * 4 // 3 - 16) * 255
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     q = cfg.MODEL.QUANT
     traced = export_onnx(model, args.output, example, metadata={
@@ -88,8 +105,7 @@ def main(argv=None):
         "quantization": f"W{q.WEIGHT_BITS}A{q.ACT_BITS}A{q.ATTN_BITS} {q.QUANTIZER}" if q.ENABLED else "float"})
     onnx.checker.check_model(args.output)
 
-    # One run on another size than the traced one: the height and width are dynamic.
-    image = torch.rand(1, 3, size + 16, size * 4 // 3 - 16) * 255
+    image, what = check_image(cfg, size)
     logits, boxes = ort_session(args.output).run(None, {"image": image.numpy()})
     with torch.no_grad():
         ref_logits, ref_boxes = traced(image)
@@ -99,7 +115,7 @@ def main(argv=None):
           f"{os.path.getsize(args.output) / MB:.3f} MB")
     outputs = [(torch.from_numpy(logits), ref_logits), (torch.from_numpy(boxes), ref_boxes)]
     agree = [float(((got - ref).abs() <= 1e-3 + 1e-3 * ref.abs()).float().mean()) for got, ref in outputs]
-    print(f"onnxruntime on a {tuple(image.shape[2:])} image: pred_logits {tuple(logits.shape)}, pred_boxes "
+    print(f"onnxruntime on {what}, {tuple(image.shape[2:])}: pred_logits {tuple(logits.shape)}, pred_boxes "
           f"{tuple(boxes.shape)}; within 1e-3 of PyTorch: {agree[0]:.1%} of the logits, {agree[1]:.1%} of the box "
           "coordinates" + ("" if args.float else " (the rest follow codes that round the other way at a boundary: "
                                                  "README, Deploy)"))
