@@ -11,6 +11,7 @@ from typing import Dict, Optional, Sequence
 
 from torch import nn
 
+from ..errors import UserInputError
 from ..quant import QuantConfig, QuantConv2d, QuantLinear, quantize_model
 
 PARTS = ("BACKBONE", "ENCODER", "DECODER", "HEADS")
@@ -86,9 +87,18 @@ def fix_frozen_layer_step_sizes(model: nn.Module) -> nn.Module:
     return model
 
 
+class QuantConfigError(UserInputError, ValueError):
+    """MODEL.QUANT asks for something the quantization library refuses (its message names the key)."""
+
+
 def maybe_quantize(cfg, model: nn.Module, layout: QuantLayout) -> nn.Module:
-    qcfg = quant_config_from_cfg(cfg, model, layout)
-    if qcfg is None:
-        return model
-    model = quantize_model(model, qcfg)
+    try:
+        qcfg = quant_config_from_cfg(cfg, model, layout)
+        if qcfg is None:
+            return model
+        model = quantize_model(model, qcfg)
+    except QuantConfigError:
+        raise
+    except ValueError as e:  # the library's checks of bits, patterns and layers: one line for the user
+        raise QuantConfigError(str(e)) from e
     return model if cfg.MODEL.QUANT.LEARN_FROZEN_STEP_SIZES else fix_frozen_layer_step_sizes(model)

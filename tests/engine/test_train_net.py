@@ -62,6 +62,14 @@ def test_unknown_config_key_is_rejected(train_net, tmp_path):
     assert e.value.code == 2
 
 
+def test_a_refused_quantization_setting_is_one_line(train_net, tmp_path):
+    # The quantization library's own checks (bits, layers) reach the user as config errors.
+    with pytest.raises(SystemExit, match="backbone.*INTEGER_BIAS .* not a BatchNorm2d; use FrozenBN") as e:
+        _run(train_net, "detr_fp32.yaml", tmp_path, "MODEL.QUANT.ENABLED", "True", "MODEL.QUANT.INTEGER_BIAS", "True",
+             "MODEL.RESNETS.NORM", "BN")
+    assert e.value.code == 2
+
+
 def test_num_classes_smaller_than_dataset_is_rejected(train_net, tmp_path):
     with pytest.raises(SystemExit, match="NUM_CLASSES"):
         _run(train_net, "detr_fp32.yaml", tmp_path, "MODEL.DETR.NUM_CLASSES", "3")
