@@ -97,23 +97,32 @@ class _RoundToStep(torch.autograd.Function):
         return grad, None
 
 
-def integer_bias_conv(conv: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """conv(x, weight) with `conv`'s frozen batch norm folded in and its bias rounded as its
-    integer form rounds it. x: (N, C_in, H, W), already quantized; weight: the fake-quantized
-    weight (C_out, C_in, kh, kw). Returns (N, C_out, H', W') before the activation; where the
-    bias stays float (`conv_bias_layout` None) exactly conv -> norm."""
+def integer_bias_terms(conv: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """(scale, bias), each (C_out,), such that conv(x, weight) * scale + bias is QuantConv2d
+    `conv` followed by its frozen batch norm, with the bias rounded as its integer form rounds
+    it; None where the bias stays float (`conv_bias_layout`) or the input quantizer is not
+    quantizing yet (calibration)."""
     affine = frozen_norm_affine(conv.norm)
     if affine is None and conv.norm is not None:
         raise ValueError(f"integer_bias needs a frozen batch norm to fold, not a {type(conv.norm).__name__} "
                          "that is updating its statistics (use FrozenBN, e.g. MODEL.RESNETS.NORM 'FrozenBN')")
-    zeros = weight.new_zeros(weight.shape[0])
+    if not getattr(conv.input_quantizer, "quantizing", False):
+        return None
+    zeros = conv.weight.new_zeros(conv.weight.shape[0])
     norm_scale, norm_shift = affine or (zeros + 1, zeros)
-    layout = None
-    if getattr(conv.input_quantizer, "quantizing", False):
-        layout = conv_bias_layout(conv, norm_scale.detach())
-    y = conv._conv_forward(x, weight, None if layout is not None else conv.bias)
+    layout = conv_bias_layout(conv, norm_scale.detach())
     if layout is None:
-        return y if conv.norm is None else conv.norm(y)
+        return None
     bias = norm_shift if conv.bias is None else conv.bias * norm_scale + norm_shift
-    bias = _RoundToStep.apply(bias, layout[2].detach())
-    return y * norm_scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    return norm_scale, _RoundToStep.apply(bias, layout[2].detach())
+
+
+def integer_bias_conv(conv: nn.Module, x: Tensor, weight: Tensor, terms: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    """`conv`'s convolution and frozen batch norm, with `terms` (`integer_bias_terms`) or, where
+    they are None, as the plain conv -> norm. x: (N, C_in, H, W), already quantized; weight: the
+    fake-quantized weight (C_out, C_in, kh, kw). Returns (N, C_out, H', W') before the activation."""
+    if terms is None:
+        y = conv._conv_forward(x, weight, conv.bias)
+        return y if conv.norm is None else conv.norm(y)
+    scale, bias = terms
+    return conv._conv_forward(x, weight, None) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)

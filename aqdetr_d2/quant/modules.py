@@ -11,11 +11,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .integer_bias import integer_bias_conv
+from .integer_bias import integer_bias_conv, integer_bias_terms
 
 
 def _versions(tensors):
     return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _inference_cached(cache, compute, tensors_of):
+    """compute()'s value and the cache entry to keep for the next inference call: `cache`'s
+    value while none of the tensors it was keyed on has changed (storage or version counter:
+    an optimizer step, a state-dict load or a device move), else computed again (under no_grad)
+    and keyed on tensors_of(), listed after computing since the first call may initialise a
+    quantizer."""
+    if cache is None or cache[1] != _versions(cache[0]):
+        with torch.no_grad():
+            value = compute()
+        tensors = tuple(t for t in tensors_of() if t is not None)
+        cache = (tensors, _versions(tensors), value)
+    return cache[2], cache
 
 
 class _QuantWeightMixin:
@@ -29,22 +43,21 @@ class _QuantWeightMixin:
     the quantization of small layers saves).
     """
 
+    def _inference(self) -> bool:
+        return not (self.training or (torch.is_grad_enabled() and self.weight.requires_grad))
+
     def _quantized_weight(self) -> torch.Tensor:
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+        if not self._inference():
             self._weight_cache = None
             return self.weight_quantizer(self.weight)
-        cache = self._weight_cache
-        if cache is None or cache[1] != _versions(cache[0]):
-            with torch.no_grad():
-                weight = self.weight_quantizer(self.weight)
-            # Keyed after quantizing: the first call may initialise the quantizer.
-            tensors = (self.weight, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers())
-            cache = self._weight_cache = (tensors, _versions(tensors), weight)
-        return cache[2]
+        weight, self._weight_cache = _inference_cached(
+            self._weight_cache, lambda: self.weight_quantizer(self.weight),
+            lambda: (self.weight, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers()))
+        return weight
 
     def train(self, mode: bool = True):
-        # Frees the cached copy while training.
-        self._weight_cache = None
+        # Frees the cached copies while training.
+        self._weight_cache = self._bias_cache = None
         return super().train(mode)
 
 
@@ -118,6 +131,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         self.norm = norm
         self.activation = activation
         self._weight_cache = None
+        self._bias_cache = None
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, w_quantizer: nn.Module, a_quantizer: nn.Module):
@@ -142,10 +156,25 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         qmodule.bias = module.bias
         return qmodule.train(module.training)
 
+    def _integer_bias_terms(self):
+        # In inference the rounded bias is kept like the weight: finding its steps takes the
+        # weight's integer codes, as long to compute as the fake-quantized weight.
+        if not self._inference() or not getattr(self.input_quantizer, "quantizing", False):
+            self._bias_cache = None  # calibrating (or not yet initialised) flips no tensor's version
+            return integer_bias_terms(self)
+        terms, cache = _inference_cached(
+            self._bias_cache, lambda: integer_bias_terms(self),
+            lambda: (self.weight, self.bias, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers(),
+                     *self.input_quantizer.parameters(), *self.input_quantizer.buffers(),
+                     *(self.norm.buffers() if self.norm is not None else ()),
+                     *(self.norm.parameters() if self.norm is not None else ())))
+        self._bias_cache = cache
+        return terms
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self.input_quantizer(x), self._quantized_weight()
         if self.integer_bias:
-            x = integer_bias_conv(self, x, weight)
+            x = integer_bias_conv(self, x, weight, self._integer_bias_terms())
         else:
             x = self._conv_forward(x, weight, self.bias)
             if self.norm is not None:

@@ -103,3 +103,22 @@ def test_updating_batch_norm_is_refused_by_name():
         quantize_model(model, QuantConfig(integer_bias=True))
     quantized = quantize_model(nn.Sequential(Conv2d(3, 4, 3, norm=FrozenBatchNorm2d(4))), QuantConfig(integer_bias=True))
     assert quantized[0].integer_bias
+
+
+def test_inference_keeps_the_rounded_bias_until_a_tensor_changes():
+    conv, x = _conv(2)
+    conv.integer_bias = True
+    with torch.no_grad():
+        first = conv(x)
+        assert conv._bias_cache is not None and torch.equal(conv(x), first)
+        conv.norm.running_mean.add_(0.5)  # in place, as a state-dict load writes
+        moved = conv(x)
+        expected = to_integer_forms(nn.Sequential(copy.deepcopy(conv)))[0](x)
+    assert not torch.equal(moved, first)
+    torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-5)
+    # Calibrating again flips no tensor: the input passes unquantized, and so does the bias.
+    conv.input_quantizer.start_calibration()
+    plain = copy.deepcopy(conv)
+    plain.integer_bias = False
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), plain(x))
