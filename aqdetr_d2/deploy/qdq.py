@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError
 from ..quant import LSQQuantizer, MinMaxQuantizer, QuantConv2d, QuantizerBase, QuantLinear
-from ..quant.integer_bias import UINT8_SHIFT, conv_bias_layout, frozen_norm_affine
+from ..quant.integer_bias import UINT8_SHIFT, conv_bias_layout, fold_norm_sign, frozen_norm_affine, uint8_shifted
 
 
 class ExportError(UserInputError, ValueError):
@@ -83,14 +83,6 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
-def _uint8_shifted(quantizer: QuantizerBase, weight: bool) -> bool:
-    """Signed per-tensor activation codes ride in uint8, shifted by 128: x86 integer kernels
-    take unsigned activations, and ONNX Runtime only converts int8 Q / DQ pairs that are
-    adjacent. Per-head attention codes stay int8: ONNX Runtime 1.32 fuses a per-axis uint8
-    MatMul input into MatMulIntegerToFloat, which then refuses per-axis zero points."""
-    return quantizer.signed and not weight and quantizer.per_tensor
-
-
 def _integer_qparams(quantizer: QuantizerBase, name: str, weight: bool = False):
     """Scale (0-d or (C,)) and integer zero point of an enabled, calibrated quantizer: int8 for
     weights, uint8 for activations."""
@@ -108,7 +100,7 @@ def _integer_qparams(quantizer: QuantizerBase, name: str, weight: bool = False):
         scale, zero_point = quantizer.scale.detach(), quantizer.zero_point.detach().float()
     else:
         raise ExportError(f"{name}: no ONNX form for {type(quantizer).__name__}")
-    shifted = _uint8_shifted(quantizer, weight)
+    shifted = uint8_shifted(quantizer, weight)
     zero_point = (zero_point.round() + (UINT8_SHIFT if shifted else 0)).to(
         torch.uint8 if shifted or not quantizer.signed else torch.int8)
     if quantizer.per_tensor:
@@ -124,7 +116,7 @@ class QuantizeDequantize(nn.Module):
         scale, zero_point = _integer_qparams(quantizer, name)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
-        shift = UINT8_SHIFT if _uint8_shifted(quantizer, weight=False) else 0
+        shift = UINT8_SHIFT if uint8_shifted(quantizer, weight=False) else 0
         self.qmin, self.qmax = quantizer.qmin + shift, quantizer.qmax + shift
         self.ch_axis = None if quantizer.per_tensor else quantizer.ch_axis
 
@@ -224,16 +216,15 @@ class DequantConv2d(nn.Module):
         if bool((codes[negative] == -128).any()):
             raise ExportError(f"{name}: an 8-bit weight code -128 in a channel whose batch-norm scale is negative "
                               "has no int8 negation; export this layer with MODEL.QUANT.KEEP_FP_PATTERNS")
-        sign = torch.where(negative, -1, 1).to(torch.int16).view(-1, 1, 1, 1)
-        codes, scale = codes.to(torch.int16) * sign, scale * norm_scale.abs()
-        layout = conv_bias_layout(module, norm_scale)
+        codes, scale = fold_norm_sign(codes, norm_scale), scale * norm_scale.abs()
+        layout = conv_bias_layout(module, codes, zero_point, norm_scale)
         if layout is not None:
             # The int32 bias of an integer convolution (as ONNX Runtime's WeightBiasQuantization
             # would round it), rounded here so that the graph states it exactly, in steps 2^k
             # finer than the input step times the weight step (the codes 2^k larger): at 2 bits
             # the coarse steps moved a DETR by 0.4 AP at 2^4, 0.2 at 2^6 (integer_bias.py).
-            shift, codes, bias_scale = layout
-            scale = scale / 2 ** shift
+            shift, bias_scale = layout
+            codes, scale = codes * 2 ** shift, scale / 2 ** shift
             self.register_buffer("bias_scale", bias_scale)
             self.register_buffer("bias_codes", torch.round(self.bias / bias_scale).to(torch.int32))
         self.register_buffer("codes", codes.to(torch.int8))

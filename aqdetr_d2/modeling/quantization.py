@@ -97,8 +97,6 @@ def maybe_quantize(cfg, model: nn.Module, layout: QuantLayout) -> nn.Module:
         if qcfg is None:
             return model
         model = quantize_model(model, qcfg)
-    except QuantConfigError:
-        raise
     except ValueError as e:  # the library's checks of bits, patterns and layers: one line for the user
         raise QuantConfigError(str(e)) from e
     return model if cfg.MODEL.QUANT.LEARN_FROZEN_STEP_SIZES else fix_frozen_layer_step_sizes(model)

@@ -14,9 +14,9 @@ from fnmatch import fnmatchcase
 from typing import Dict, List, Sequence, Tuple
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import QUANT_POINTS, point_quantizer
+from .integer_bias import norm_folds_in_training
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import LSQ_INITS, QUANTIZER_REGISTRY, QuantizerBase, build_quantizer, check_bits
 
@@ -203,7 +203,7 @@ def _quantize_layer(module: nn.Module, names: List[str], qcfg: QuantConfig) -> n
     conv = QuantConv2d.from_float(module, w_quantizer, a_quantizer)
     if qcfg.integer_bias:
         norm = getattr(module, "norm", None)
-        if isinstance(norm, _BatchNorm):
+        if not norm_folds_in_training(norm):
             raise ValueError(f"{names[0]}: MODEL.QUANT.INTEGER_BIAS folds batch norms into convolutions in "
                              f"training, which needs frozen statistics, not a {type(norm).__name__}; use "
                              "FrozenBN (MODEL.RESNETS.NORM 'FrozenBN') or INTEGER_BIAS False")

@@ -56,8 +56,8 @@ class _QuantWeightMixin:
         return weight
 
     def train(self, mode: bool = True):
-        # Frees the cached copies while training.
-        self._weight_cache = self._bias_cache = None
+        # Frees the cached copy while training.
+        self._weight_cache = None
         return super().train(mode)
 
 
@@ -170,6 +170,10 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
                      *(self.norm.parameters() if self.norm is not None else ())))
         self._bias_cache = cache
         return terms
+
+    def train(self, mode: bool = True):
+        self._bias_cache = None
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self.input_quantizer(x), self._quantized_weight()

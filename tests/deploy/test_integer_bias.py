@@ -11,7 +11,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 from aqdetr_d2.deploy.qdq import to_integer_forms
 from aqdetr_d2.quant import LSQQuantizer, QuantConfig, QuantConv2d, quantize_model
-from aqdetr_d2.quant.integer_bias import conv_bias_layout, frozen_norm_affine
+from aqdetr_d2.quant.integer_bias import conv_bias_layout, fold_norm_sign, frozen_norm_affine
 
 from deploy.test_onnx_export import export_module, optimized_ops, run_ort  # tests/ is on pytest's pythonpath
 
@@ -33,6 +33,14 @@ def _conv(weight_bits, act_bits=2, seed=0):
     return qconv.eval(), x
 
 
+def _bias_step(conv):
+    """(C_out,) step of the int32 bias of `conv`'s integer form."""
+    norm_scale, _ = frozen_norm_affine(conv.norm)
+    codes, _, zero_point = conv.weight_quantizer.quantize_to_int(conv.weight.detach())
+    _, step = conv_bias_layout(conv, fold_norm_sign(codes, norm_scale), zero_point, norm_scale)
+    return step
+
+
 @pytest.mark.parametrize("weight_bits", [2, 4])
 def test_integer_bias_conv_computes_its_integer_form(weight_bits):
     plain, x = _conv(weight_bits)
@@ -46,8 +54,7 @@ def test_integer_bias_conv_computes_its_integer_form(weight_bits):
     torch.testing.assert_close(got, exported, rtol=1e-5, atol=1e-5)
     # The bias moved by at most half a step of the int32 accumulator from the float one, and
     # by something: at 2-bit inputs the steps are coarse enough that rounding shows.
-    norm_scale, _ = frozen_norm_affine(plain.norm)
-    _, _, step = conv_bias_layout(plain, norm_scale)
+    step = _bias_step(plain)
     moved = (got - expected)[expected > 0]  # where the ReLU passes both
     assert moved.abs().max() <= step.max() / 2 * 1.001 + 1e-5
     assert moved.abs().max() > 1e-4
@@ -59,7 +66,7 @@ def test_integer_bias_conv_agrees_with_onnxruntime(tmp_path):
     model = nn.Sequential(conv, LSQQuantizer(8, signed=False)).eval()
     # Output steps a few bias steps wide: where the float bias and its int32 rounding fall on
     # either side of an output rounding boundary, the codes differ (with a float bias, 2% of them).
-    _, _, bias_step = conv_bias_layout(conv, frozen_norm_affine(conv.norm)[0])
+    bias_step = _bias_step(conv)
     with torch.no_grad():
         model(x)  # initialise the output quantizer, then narrow it
         model[1].scale.fill_(float(bias_step.min()) * 3.3)
@@ -101,6 +108,8 @@ def test_updating_batch_norm_is_refused_by_name():
     model = nn.Sequential(Conv2d(3, 4, 3, bias=False, norm=nn.BatchNorm2d(4)))
     with pytest.raises(ValueError, match="0: MODEL.QUANT.INTEGER_BIAS .* BatchNorm2d"):
         quantize_model(model, QuantConfig(integer_bias=True))
+    with pytest.raises(ValueError, match="0: MODEL.QUANT.INTEGER_BIAS .* not a GroupNorm"):  # no statistics to fold
+        quantize_model(nn.Sequential(Conv2d(3, 4, 3, norm=nn.GroupNorm(2, 4))), QuantConfig(integer_bias=True))
     quantized = quantize_model(nn.Sequential(Conv2d(3, 4, 3, norm=FrozenBatchNorm2d(4))), QuantConfig(integer_bias=True))
     assert quantized[0].integer_bias
 
